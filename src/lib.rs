@@ -1,0 +1,7 @@
+//! meshlet: a lightweight service-mesh sidecar proxy.
+//!
+//! The file tree follows the proxy's concerns: `listener` (binding, original destination), `detect`
+//! (protocol detection), `proxy` (HTTP and TCP forwarding), `metrics`, `admin`, `drain`, and `app`, which
+//! wires them together.
+
+pub mod config;
