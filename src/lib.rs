@@ -5,3 +5,4 @@
 //! wires them together.
 
 pub mod config;
+pub mod tls;

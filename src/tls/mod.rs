@@ -1,0 +1,3 @@
+//! Workload identity and mutual TLS between sidecars.
+
+pub mod api;
