@@ -40,7 +40,7 @@ pub enum IdentityError {
 }
 
 /// A workload identity: who a sidecar is, as written in the URI SAN of its certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
     trust_domain: String,
     namespace: String,
@@ -86,6 +86,13 @@ impl SpiffeId {
             (None, _) => Err(IdentityError::Certificate("no URI subject alternative name".into())),
             (Some(_), Some(_)) => Err(IdentityError::Certificate("more than one URI subject alternative name".into())),
         }
+    }
+}
+
+/// Debug shows the URI, so errors that rustls formats with `{:?}` stay readable.
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SpiffeId({self})")
     }
 }
 

@@ -1,5 +1,10 @@
 //! A test certificate authority: a root (the trust anchor) and an intermediate issuer, generated with rcgen,
-//! issuing mesh leaves for given SPIFFE identities with given validity, the way the control plane does.
+//! issuing mesh leaves for given SPIFFE identities with given validity, the way the control plane does;
+//! and a mesh mTLS echo server and client to exercise handshakes over real loopback sockets.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -7,9 +12,14 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, CertifiedIssuer, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::{ClientConfig, ServerConfig};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::{client, TlsAcceptor, TlsConnector};
 
-use super::{Credentials, SpiffeId};
+use super::{peer_identity, Credentials, SpiffeId};
 
 /// A root and an intermediate; leaves are signed by the intermediate, so chains are leaf + intermediate.
 pub struct TestCa {
@@ -135,5 +145,84 @@ impl TestCa {
     pub fn credentials(&self, id: &SpiffeId, ttl: Duration) -> Credentials {
         let leaf = self.issue_for(id, ttl);
         Credentials::from_pem(&leaf.chain_pem, leaf.key(), &self.trust_bundle_pem()).expect("test credentials")
+    }
+}
+
+/// Outcome of one handshake on a [`spawn_echo_server`]: the client's identity and ALPN, or the error.
+pub type Handshake = Result<(Option<SpiffeId>, Option<Vec<u8>>), String>;
+
+/// A mesh mTLS server on 127.0.0.1: after each handshake it writes one line
+/// `<client identity or -> <alpn or ->\n`, then echoes what it reads. Every handshake's outcome is reported on
+/// the returned channel. Runs until the runtime stops.
+pub async fn spawn_echo_server(config: Arc<ServerConfig>) -> (SocketAddr, mpsc::UnboundedReceiver<Handshake>) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind loopback");
+    let addr = listener.local_addr().expect("local address");
+    let (outcomes, rx) = mpsc::unbounded_channel();
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, outcomes) = (acceptor.clone(), outcomes.clone());
+            tokio::spawn(async move {
+                let tls = match acceptor.accept(tcp).await {
+                    Ok(tls) => tls,
+                    Err(e) => {
+                        let _ = outcomes.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let peer = peer_identity(tls.get_ref().1);
+                let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                let greeting = format!(
+                    "{} {}\n",
+                    peer.as_ref().map_or("-".to_owned(), SpiffeId::to_string),
+                    alpn.as_deref().map_or("-".into(), String::from_utf8_lossy)
+                );
+                let _ = outcomes.send(Ok((peer, alpn)));
+                let (reader, mut writer) = tokio::io::split(tls);
+                if writer.write_all(greeting.as_bytes()).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy(&mut BufReader::new(reader), &mut writer).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A mesh client connection to a [`spawn_echo_server`], with the greeting line it sent.
+pub struct EchoClient {
+    /// The TLS stream, for `get_ref().1.peer_certificates()` and friends.
+    pub stream: BufReader<client::TlsStream<TcpStream>>,
+    /// The server's greeting: `<client identity> <alpn>`.
+    pub greeting: String,
+}
+
+impl EchoClient {
+    /// Connects with `config` and reads the greeting. In TLS 1.3 the server checks the client's certificate
+    /// after the client has finished, so a rejected client sees the alert here, on its first read.
+    pub async fn connect(config: Arc<ClientConfig>, addr: SocketAddr) -> io::Result<Self> {
+        let tcp = TcpStream::connect(addr).await?;
+        let name = ServerName::IpAddress(IpAddr::from(Ipv4Addr::LOCALHOST).into());
+        let tls = TlsConnector::from(config).connect(name, tcp).await?;
+        let mut stream = BufReader::new(tls);
+        let mut greeting = String::new();
+        if stream.read_line(&mut greeting).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "server closed before its greeting"));
+        }
+        Ok(EchoClient { stream, greeting: greeting.trim_end().to_owned() })
+    }
+
+    /// Sends a line and reads the echo: proves the connection still carries data.
+    pub async fn echo(&mut self, line: &str) -> io::Result<String> {
+        self.stream.get_mut().write_all(format!("{line}\n").as_bytes()).await?;
+        let mut echoed = String::new();
+        self.stream.read_line(&mut echoed).await?;
+        Ok(echoed.trim_end().to_owned())
+    }
+
+    /// The leaf certificate the server presented.
+    pub fn server_leaf(&self) -> Option<Vec<u8>> {
+        let certs = self.stream.get_ref().get_ref().1.peer_certificates()?;
+        certs.first().map(|c| c.to_vec())
     }
 }
