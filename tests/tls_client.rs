@@ -16,8 +16,8 @@ use meshlet::tls::api::{IssueError, IssueRequest, IssueResponse, ISSUE_PATH};
 use meshlet::tls::store::parse_certificates;
 use meshlet::tls::testing::{spawn_echo_server, EchoClient, TestCa};
 use meshlet::tls::{
-    client_config, provider, server_config, CertManager, ClientError, Credentials, IdentityArgs, IdentitySettings,
-    IdentityStore, SpiffeId, ALPN_MESH_H2,
+    client_config, provider, server_config, CertManager, ClientError, Credentials, IdentityArgs,
+    IdentitySettings, IdentityStore, SpiffeId, ALPN_MESH_H2,
 };
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
@@ -72,12 +72,16 @@ impl ControlPlane {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (cp, acceptor) = (cp.clone(), acceptor.clone());
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
                     let service = service_fn(move |req| {
                         let cp = cp.clone();
                         async move { Ok::<_, std::convert::Infallible>(cp.handle(req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
                 });
             }
         });
@@ -86,8 +90,15 @@ impl ControlPlane {
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let refuse = |status: StatusCode, reason: &str, message: String| {
-            let body = serde_json::to_vec(&IssueError { reason: reason.into(), message }).unwrap();
-            Response::builder().status(status).body(Full::new(Bytes::from(body))).unwrap()
+            let body = serde_json::to_vec(&IssueError {
+                reason: reason.into(),
+                message,
+            })
+            .unwrap();
+            Response::builder()
+                .status(status)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap()
         };
         if req.method() != http::Method::POST || req.uri().path() != ISSUE_PATH {
             return refuse(StatusCode::NOT_FOUND, "not-found", req.uri().path().into());
@@ -101,20 +112,35 @@ impl ControlPlane {
             .to_owned();
         self.tokens_seen.lock().unwrap().push(token.clone());
         if token != *self.accepted_token.lock().unwrap() {
-            return refuse(StatusCode::UNAUTHORIZED, "bad-credential", format!("token {token:?} is not valid"));
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "bad-credential",
+                format!("token {token:?} is not valid"),
+            );
         }
         let Ok(body) = Limited::new(req.into_body(), 64 * 1024).collect().await else {
-            return refuse(StatusCode::BAD_REQUEST, "malformed-request", "unreadable body".into());
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "malformed-request",
+                "unreadable body".into(),
+            );
         };
         let Ok(request) = serde_json::from_slice::<IssueRequest>(&body.to_bytes()) else {
-            return refuse(StatusCode::BAD_REQUEST, "malformed-request", "not an IssueRequest".into());
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "malformed-request",
+                "not an IssueRequest".into(),
+            );
         };
         if request.identity != web().to_string() {
             return refuse(StatusCode::FORBIDDEN, "identity-mismatch", request.identity);
         }
         let now = SystemTime::now();
         let (not_before, not_after) = (now - Duration::from_secs(60), now + self.ttl);
-        let chain = match self.ca.sign_csr(&request.csr_pem, &web(), not_before, not_after) {
+        let chain = match self
+            .ca
+            .sign_csr(&request.csr_pem, &web(), not_before, not_after)
+        {
             Ok(chain) => chain,
             Err(e) => return refuse(StatusCode::BAD_REQUEST, "malformed-csr", e.to_string()),
         };
@@ -125,7 +151,9 @@ impl ControlPlane {
             not_after_unix: unix(not_after),
             not_before_unix: unix(not_before),
         };
-        Response::new(Full::new(Bytes::from(serde_json::to_vec(&response).unwrap())))
+        Response::new(Full::new(Bytes::from(
+            serde_json::to_vec(&response).unwrap(),
+        )))
     }
 
     fn saw_token(&self, token: &str) -> bool {
@@ -138,7 +166,8 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("meshlet-tls-client-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("meshlet-tls-client-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Scratch(dir)
     }
@@ -157,7 +186,12 @@ impl Drop for Scratch {
 }
 
 /// Settings as the sidecar builds them from its flags, with quick retries for the test.
-fn settings(scratch: &Scratch, cp_addr: SocketAddr, anchors_pem: &str, token: &str) -> IdentitySettings {
+fn settings(
+    scratch: &Scratch,
+    cp_addr: SocketAddr,
+    anchors_pem: &str,
+    token: &str,
+) -> IdentitySettings {
     let args = IdentityArgs {
         control_plane_addr: Some(cp_addr.to_string()),
         control_plane_name: CONTROL_PLANE_NAME.into(),
@@ -179,8 +213,13 @@ fn leaf(credentials: &Credentials) -> Vec<u8> {
 }
 
 /// Waits for the store's next replacement and returns it.
-async fn next_credentials(rx: &mut tokio::sync::watch::Receiver<Option<Arc<Credentials>>>) -> Arc<Credentials> {
-    tokio::time::timeout(WAIT, rx.changed()).await.expect("a new certificate in time").unwrap();
+async fn next_credentials(
+    rx: &mut tokio::sync::watch::Receiver<Option<Arc<Credentials>>>,
+) -> Arc<Credentials> {
+    tokio::time::timeout(WAIT, rx.changed())
+        .await
+        .expect("a new certificate in time")
+        .unwrap();
     rx.borrow_and_update().clone().expect("credentials")
 }
 
@@ -197,11 +236,16 @@ async fn obtains_a_certificate_then_renews_at_half_life_rereading_the_token() {
     assert!(store.current().is_none());
     let task = tokio::spawn(manager.run());
 
-    tokio::time::timeout(WAIT, store.ready()).await.expect("ready once the first certificate arrives");
+    tokio::time::timeout(WAIT, store.ready())
+        .await
+        .expect("ready once the first certificate arrives");
     let mut previous = next_credentials(&mut updates).await;
     assert_eq!(previous.identity(), &web());
     previous.verify_chain().unwrap();
-    let lifetime = previous.not_after().duration_since(SystemTime::now()).unwrap();
+    let lifetime = previous
+        .not_after()
+        .duration_since(SystemTime::now())
+        .unwrap();
     assert!(lifetime <= Duration::from_secs(4), "{lifetime:?}");
 
     // The kubelet rotates the projected token; the control plane only accepts the new one from now on.
@@ -211,11 +255,18 @@ async fn obtains_a_certificate_then_renews_at_half_life_rereading_the_token() {
     for _ in 0..3 {
         let renewed = next_credentials(&mut updates).await;
         assert_eq!(renewed.identity(), &web());
-        assert_ne!(leaf(&renewed), leaf(&previous), "a renewal brings a new certificate");
+        assert_ne!(
+            leaf(&renewed),
+            leaf(&previous),
+            "a renewal brings a new certificate"
+        );
         assert!(renewed.not_after() > previous.not_after());
         previous = renewed;
     }
-    assert!(cp.saw_token("token-2"), "the token file is re-read at every request");
+    assert!(
+        cp.saw_token("token-2"),
+        "the token file is re-read at every request"
+    );
     task.abort();
 }
 
@@ -223,11 +274,15 @@ async fn obtains_a_certificate_then_renews_at_half_life_rereading_the_token() {
 async fn keeps_serving_while_the_control_plane_is_down_and_renews_when_it_returns() {
     let scratch = Scratch::new("outage");
     let ca = TestCa::new("mesh");
-    let client = IdentityStore::with_credentials(ca.credentials(&SpiffeId::new("cluster.local", "shop", "cart").unwrap(), Duration::from_secs(3600)));
+    let client = IdentityStore::with_credentials(ca.credentials(
+        &SpiffeId::new("cluster.local", "shop", "cart").unwrap(),
+        Duration::from_secs(3600),
+    ));
     let cp = ControlPlane::new(ca, Duration::from_secs(10), "token");
     let (addr, server) = cp.start((Ipv4Addr::LOCALHOST, 0).into()).await;
 
-    let manager = CertManager::new(settings(&scratch, addr, &cp.ca.trust_bundle_pem(), "token")).unwrap();
+    let manager =
+        CertManager::new(settings(&scratch, addr, &cp.ca.trust_bundle_pem(), "token")).unwrap();
     let store = manager.store().clone();
     let mut updates = store.subscribe();
     let task = tokio::spawn(manager.run());
@@ -238,22 +293,38 @@ async fn keeps_serving_while_the_control_plane_is_down_and_renews_when_it_return
     let _ = server.await;
     let requests_before = cp.tokens_seen.lock().unwrap().len();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(cp.tokens_seen.lock().unwrap().len(), requests_before, "the control plane was really down");
+    assert_eq!(
+        cp.tokens_seen.lock().unwrap().len(),
+        requests_before,
+        "the control plane was really down"
+    );
     let kept = store.current().unwrap();
-    assert_eq!(leaf(&kept), leaf(&first), "the still-valid certificate stays in use");
+    assert_eq!(
+        leaf(&kept),
+        leaf(&first),
+        "the still-valid certificate stays in use"
+    );
     assert!(!updates.has_changed().unwrap());
 
     // Sidecars keep handshaking with it.
     let (echo, _outcomes) = spawn_echo_server(server_config(&store).unwrap()).await;
-    let mut conn = EchoClient::connect(client_config(&client, web(), ALPN_MESH_H2).unwrap(), echo).await.unwrap();
+    let mut conn = EchoClient::connect(client_config(&client, web(), ALPN_MESH_H2).unwrap(), echo)
+        .await
+        .unwrap();
     assert_eq!(conn.echo("during outage").await.unwrap(), "during outage");
 
     // The control plane returns on the same address: the next retry renews.
     let (_, _server) = cp.start(addr).await;
     let renewed = next_credentials(&mut updates).await;
     assert_ne!(leaf(&renewed), leaf(&first));
-    let conn = EchoClient::connect(client_config(&client, web(), ALPN_MESH_H2).unwrap(), echo).await.unwrap();
-    assert_eq!(conn.server_leaf().unwrap(), leaf(&renewed), "new connections use the renewed certificate");
+    let conn = EchoClient::connect(client_config(&client, web(), ALPN_MESH_H2).unwrap(), echo)
+        .await
+        .unwrap();
+    assert_eq!(
+        conn.server_leaf().unwrap(),
+        leaf(&renewed),
+        "new connections use the renewed certificate"
+    );
     task.abort();
 }
 
@@ -264,7 +335,11 @@ async fn refusals_and_untrusted_control_planes_are_reported() {
     let (addr, _server) = cp.start((Ipv4Addr::LOCALHOST, 0).into()).await;
     let anchors = cp.ca.trust_bundle_pem();
 
-    let err = CertManager::new(settings(&scratch, addr, &anchors, "bad")).unwrap().request().await.unwrap_err();
+    let err = CertManager::new(settings(&scratch, addr, &anchors, "bad"))
+        .unwrap()
+        .request()
+        .await
+        .unwrap_err();
     match &err {
         ClientError::Refused { status, reason, .. } => {
             assert_eq!(*status, StatusCode::UNAUTHORIZED);
@@ -275,22 +350,46 @@ async fn refusals_and_untrusted_control_planes_are_reported() {
 
     // A control plane whose certificate does not chain to --trust-anchors is not talked to.
     let stranger = TestCa::new("stranger").trust_bundle_pem();
-    let err = CertManager::new(settings(&scratch, addr, &stranger, "good")).unwrap().request().await.unwrap_err();
+    let err = CertManager::new(settings(&scratch, addr, &stranger, "good"))
+        .unwrap()
+        .request()
+        .await
+        .unwrap_err();
     assert!(matches!(err, ClientError::Tls { .. }), "{err}");
-    assert!(cp.tokens_seen.lock().unwrap().iter().all(|t| t == "bad"), "no token was sent to an untrusted server");
+    assert!(
+        cp.tokens_seen.lock().unwrap().iter().all(|t| t == "bad"),
+        "no token was sent to an untrusted server"
+    );
 
     // A missing token file is named.
     let mut no_token = settings(&scratch, addr, &anchors, "good");
-    no_token.credential = meshlet::tls::client::Credential::TokenFile(scratch.0.join("missing-token"));
-    let err = CertManager::new(no_token).unwrap().request().await.unwrap_err();
+    no_token.credential =
+        meshlet::tls::client::Credential::TokenFile(scratch.0.join("missing-token"));
+    let err = CertManager::new(no_token)
+        .unwrap()
+        .request()
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("missing-token"), "{err}");
 
     // Nothing listening.
-    let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap().local_addr().unwrap();
-    let err = CertManager::new(settings(&scratch, closed, &anchors, "good")).unwrap().request().await.unwrap_err();
+    let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = CertManager::new(settings(&scratch, closed, &anchors, "good"))
+        .unwrap()
+        .request()
+        .await
+        .unwrap_err();
     assert!(matches!(err, ClientError::Connect { .. }), "{err}");
 
     // And the good path through `request` alone.
-    let credentials = CertManager::new(settings(&scratch, addr, &anchors, "good")).unwrap().request().await.unwrap();
+    let credentials = CertManager::new(settings(&scratch, addr, &anchors, "good"))
+        .unwrap()
+        .request()
+        .await
+        .unwrap();
     assert_eq!(credentials.identity(), &web());
 }

@@ -5,8 +5,8 @@ use std::time::{Duration, SystemTime};
 
 use meshlet::tls::testing::{spawn_echo_server, EchoClient, Handshake, TestCa};
 use meshlet::tls::{
-    client_config, peer_identity, provider, server_config, Credentials, IdentityStore, SpiffeId, ALPN_MESH_H2,
-    ALPN_MESH_TCP,
+    client_config, peer_identity, provider, server_config, Credentials, IdentityStore, SpiffeId,
+    ALPN_MESH_H2, ALPN_MESH_TCP,
 };
 use rustls::ClientConfig;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -24,7 +24,10 @@ fn creds(issuer: &TestCa, sa: &str, bundle_pem: &str) -> Credentials {
 }
 
 async fn next_outcome(outcomes: &mut UnboundedReceiver<Handshake>) -> Handshake {
-    tokio::time::timeout(Duration::from_secs(10), outcomes.recv()).await.unwrap().unwrap()
+    tokio::time::timeout(Duration::from_secs(10), outcomes.recv())
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -35,13 +38,19 @@ async fn mutual_tls_proves_both_identities_and_negotiates_alpn() {
     let (addr, mut outcomes) = spawn_echo_server(server_config(&server).unwrap()).await;
 
     for alpn in [ALPN_MESH_H2, ALPN_MESH_TCP] {
-        let mut conn = EchoClient::connect(client_config(&client, id("server"), alpn).unwrap(), addr).await.unwrap();
+        let mut conn =
+            EchoClient::connect(client_config(&client, id("server"), alpn).unwrap(), addr)
+                .await
+                .unwrap();
         let alpn_text = String::from_utf8_lossy(alpn);
         assert_eq!(conn.greeting, format!("{} {alpn_text}", id("client")));
         let (_, tls) = conn.stream.get_ref().get_ref();
         assert_eq!(peer_identity(tls), Some(id("server")));
         assert_eq!(tls.alpn_protocol(), Some(alpn));
-        assert_eq!(tls.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(
+            tls.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
         assert_eq!(conn.echo("ping").await.unwrap(), "ping");
 
         let (peer, negotiated) = next_outcome(&mut outcomes).await.unwrap();
@@ -58,7 +67,13 @@ async fn client_rejects_server_from_another_ca() {
     let client = IdentityStore::with_credentials(ca.credentials(&id("client"), HOUR));
     let (addr, _outcomes) = spawn_echo_server(server_config(&server).unwrap()).await;
 
-    let err = EchoClient::connect(client_config(&client, id("server"), ALPN_MESH_H2).unwrap(), addr).await.err().unwrap();
+    let err = EchoClient::connect(
+        client_config(&client, id("server"), ALPN_MESH_H2).unwrap(),
+        addr,
+    )
+    .await
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("UnknownIssuer"), "{err}");
 }
 
@@ -70,8 +85,17 @@ async fn server_rejects_client_from_another_ca() {
     let client = IdentityStore::with_credentials(creds(&other, "client", &ca.trust_bundle_pem()));
     let (addr, mut outcomes) = spawn_echo_server(server_config(&server).unwrap()).await;
 
-    let err = EchoClient::connect(client_config(&client, id("server"), ALPN_MESH_H2).unwrap(), addr).await.err().unwrap();
-    assert!(err.to_string().contains("UnknownCA") || err.to_string().contains("BadCertificate"), "{err}");
+    let err = EchoClient::connect(
+        client_config(&client, id("server"), ALPN_MESH_H2).unwrap(),
+        addr,
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("UnknownCA") || err.to_string().contains("BadCertificate"),
+        "{err}"
+    );
     let refused = next_outcome(&mut outcomes).await.unwrap_err();
     assert!(refused.contains("UnknownIssuer"), "{refused}");
 }
@@ -89,14 +113,25 @@ async fn expired_certificates_are_rejected_on_both_sides() {
     let server = IdentityStore::with_credentials(expired("server"));
     let client = IdentityStore::with_credentials(ca.credentials(&id("client"), HOUR));
     let (addr, _outcomes) = spawn_echo_server(server_config(&server).unwrap()).await;
-    let err = EchoClient::connect(client_config(&client, id("server"), ALPN_MESH_H2).unwrap(), addr).await.err().unwrap();
+    let err = EchoClient::connect(
+        client_config(&client, id("server"), ALPN_MESH_H2).unwrap(),
+        addr,
+    )
+    .await
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("certificate expired"), "{err}");
 
     // The client's certificate has expired: the server refuses it.
     let server = IdentityStore::with_credentials(ca.credentials(&id("server"), HOUR));
     let client = IdentityStore::with_credentials(expired("client"));
     let (addr, mut outcomes) = spawn_echo_server(server_config(&server).unwrap()).await;
-    assert!(EchoClient::connect(client_config(&client, id("server"), ALPN_MESH_H2).unwrap(), addr).await.is_err());
+    assert!(EchoClient::connect(
+        client_config(&client, id("server"), ALPN_MESH_H2).unwrap(),
+        addr
+    )
+    .await
+    .is_err());
     let refused = next_outcome(&mut outcomes).await.unwrap_err();
     assert!(refused.contains("certificate expired"), "{refused}");
 }
@@ -108,9 +143,18 @@ async fn client_rejects_a_server_proving_another_identity() {
     let client = IdentityStore::with_credentials(ca.credentials(&id("client"), HOUR));
     let (addr, _outcomes) = spawn_echo_server(server_config(&server).unwrap()).await;
 
-    let err = EchoClient::connect(client_config(&client, id("server"), ALPN_MESH_H2).unwrap(), addr).await.err().unwrap();
+    let err = EchoClient::connect(
+        client_config(&client, id("server"), ALPN_MESH_H2).unwrap(),
+        addr,
+    )
+    .await
+    .err()
+    .unwrap();
     let text = err.to_string();
-    assert!(text.contains(&id("impostor").to_string()) && text.contains(&id("server").to_string()), "{text}");
+    assert!(
+        text.contains(&id("impostor").to_string()) && text.contains(&id("server").to_string()),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -121,7 +165,13 @@ async fn server_requires_a_client_certificate() {
     let (addr, mut outcomes) = spawn_echo_server(server_config(&server).unwrap()).await;
 
     // A client without credentials cannot even check the server (no trust bundle yet) and aborts.
-    let err = EchoClient::connect(client_config(&client, id("server"), ALPN_MESH_H2).unwrap(), addr).await.err().unwrap();
+    let err = EchoClient::connect(
+        client_config(&client, id("server"), ALPN_MESH_H2).unwrap(),
+        addr,
+    )
+    .await
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("no mesh certificate"), "{err}");
     assert!(next_outcome(&mut outcomes).await.is_err());
 
@@ -131,14 +181,16 @@ async fn server_requires_a_client_certificate() {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(meshlet::tls::verify::SpiffeServerVerifier::new(
-            verifier_only.clone(),
-            id("server"),
-        )))
+        .with_custom_certificate_verifier(Arc::new(
+            meshlet::tls::verify::SpiffeServerVerifier::new(verifier_only.clone(), id("server")),
+        ))
         .with_no_client_auth();
     assert!(EchoClient::connect(Arc::new(no_cert), addr).await.is_err());
     let refused = next_outcome(&mut outcomes).await.unwrap_err();
-    assert!(refused.contains("NoCertificatesPresented") || refused.contains("no certificates"), "{refused}");
+    assert!(
+        refused.contains("NoCertificatesPresented") || refused.contains("no certificates"),
+        "{refused}"
+    );
 }
 
 /// Rotation: a new certificate (and a new bundle) in the store applies to new connections at once, while
@@ -157,7 +209,10 @@ async fn rotation_applies_to_new_connections_and_spares_old_ones() {
     server.replace(ca.credentials(&id("server"), HOUR));
     let mut after = EchoClient::connect(config.clone(), addr).await.unwrap();
     let second_leaf = after.server_leaf().unwrap();
-    assert_ne!(first_leaf, second_leaf, "the new connection must present the new certificate");
+    assert_ne!(
+        first_leaf, second_leaf,
+        "the new connection must present the new certificate"
+    );
     assert_eq!(before.echo("still here").await.unwrap(), "still here");
     assert_eq!(after.echo("new").await.unwrap(), "new");
 
@@ -165,7 +220,10 @@ async fn rotation_applies_to_new_connections_and_spares_old_ones() {
     let next_ca = TestCa::new("next");
     let both = format!("{}{}", ca.trust_bundle_pem(), next_ca.trust_bundle_pem());
     server.replace(creds(&next_ca, "server", &both));
-    let err = EchoClient::connect(config.clone(), addr).await.err().unwrap();
+    let err = EchoClient::connect(config.clone(), addr)
+        .await
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("UnknownIssuer"), "{err}");
 
     // ... until their store gets a bundle with the new anchor; the same config then connects.
@@ -173,5 +231,8 @@ async fn rotation_applies_to_new_connections_and_spares_old_ones() {
     let mut rotated = EchoClient::connect(config, addr).await.unwrap();
     assert_eq!(rotated.greeting, format!("{} meshlet/tcp", id("client")));
     assert_eq!(rotated.echo("ok").await.unwrap(), "ok");
-    assert_eq!(before.echo("old connection").await.unwrap(), "old connection");
+    assert_eq!(
+        before.echo("old connection").await.unwrap(),
+        "old connection"
+    );
 }

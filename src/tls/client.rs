@@ -43,7 +43,12 @@ pub struct IdentityArgs {
     pub control_plane_addr: Option<String>,
 
     /// DNS name in the control plane's serving certificate.
-    #[arg(long, env = "MESHLET_CONTROL_PLANE_NAME", default_value = "meshlet-control.meshlet.svc", value_name = "NAME")]
+    #[arg(
+        long,
+        env = "MESHLET_CONTROL_PLANE_NAME",
+        default_value = "meshlet-control.meshlet.svc",
+        value_name = "NAME"
+    )]
     pub control_plane_name: String,
 
     /// PEM file of the trust anchors the control plane's certificate must chain to.
@@ -51,7 +56,12 @@ pub struct IdentityArgs {
     pub trust_anchors: Option<PathBuf>,
 
     /// Trust domain of the mesh: the host part of every SPIFFE identity.
-    #[arg(long, env = "MESHLET_TRUST_DOMAIN", default_value = "cluster.local", value_name = "DOMAIN")]
+    #[arg(
+        long,
+        env = "MESHLET_TRUST_DOMAIN",
+        default_value = "cluster.local",
+        value_name = "DOMAIN"
+    )]
     pub trust_domain: String,
 
     /// Namespace of this pod (from the downward API).
@@ -63,11 +73,21 @@ pub struct IdentityArgs {
     pub service_account: Option<String>,
 
     /// Projected ServiceAccount token (audience `meshlet`) sent as the credential; re-read at every request.
-    #[arg(long, env = "MESHLET_TOKEN_FILE", default_value = "/var/run/secrets/meshlet.io/token", value_name = "PATH")]
+    #[arg(
+        long,
+        env = "MESHLET_TOKEN_FILE",
+        default_value = "/var/run/secrets/meshlet.io/token",
+        value_name = "PATH"
+    )]
     pub token_file: PathBuf,
 
     /// Join token from the local control plane's config, used instead of the token file.
-    #[arg(long, env = "MESHLET_JOIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "MESHLET_JOIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     pub join_token: Option<Secret>,
 }
 
@@ -117,17 +137,29 @@ impl Credential {
             Credential::JoinToken(token) => (token.expose().to_owned(), "--join-token".to_owned()),
             Credential::TokenFile(path) => {
                 let origin = path.display().to_string();
-                let io_error = |e| ClientError::Token { origin: origin.clone(), reason: format!("cannot read: {e}") };
+                let io_error = |e| ClientError::Token {
+                    origin: origin.clone(),
+                    reason: format!("cannot read: {e}"),
+                };
                 let len = tokio::fs::metadata(path).await.map_err(io_error)?.len();
                 if len > MAX_TOKEN_BYTES {
-                    return Err(ClientError::Token { origin, reason: format!("{len} bytes, more than {MAX_TOKEN_BYTES}") });
+                    return Err(ClientError::Token {
+                        origin,
+                        reason: format!("{len} bytes, more than {MAX_TOKEN_BYTES}"),
+                    });
                 }
-                (tokio::fs::read_to_string(path).await.map_err(io_error)?, origin)
+                (
+                    tokio::fs::read_to_string(path).await.map_err(io_error)?,
+                    origin,
+                )
             }
         };
         let token = token.trim();
         if token.is_empty() {
-            return Err(ClientError::Token { origin, reason: "empty".into() });
+            return Err(ClientError::Token {
+                origin,
+                reason: "empty".into(),
+            });
         }
         Ok(token.to_owned())
     }
@@ -161,32 +193,48 @@ impl IdentityArgs {
         let Some(addr) = &self.control_plane_addr else {
             return Ok(None);
         };
-        let required = |value: &Option<String>, flag| value.clone().ok_or(ClientError::MissingSetting { flag });
+        let required = |value: &Option<String>, flag| {
+            value.clone().ok_or(ClientError::MissingSetting { flag })
+        };
         let namespace = required(&self.namespace, "--namespace")?;
         let service_account = required(&self.service_account, "--service-account")?;
-        let anchors_path = self.trust_anchors.clone().ok_or(ClientError::MissingSetting { flag: "--trust-anchors" })?;
+        let anchors_path = self
+            .trust_anchors
+            .clone()
+            .ok_or(ClientError::MissingSetting {
+                flag: "--trust-anchors",
+            })?;
 
-        let identity = SpiffeId::new(&self.trust_domain, &namespace, &service_account).map_err(|e| {
-            ClientError::Setting {
-                flag: "--trust-domain/--namespace/--service-account",
-                value: format!("{}/{namespace}/{service_account}", self.trust_domain),
-                reason: e.to_string(),
-            }
-        })?;
-        let control_plane_name = ServerName::try_from(self.control_plane_name.clone()).map_err(|e| ClientError::Setting {
-            flag: "--control-plane-name",
-            value: self.control_plane_name.clone(),
-            reason: e.to_string(),
-        })?;
+        let identity =
+            SpiffeId::new(&self.trust_domain, &namespace, &service_account).map_err(|e| {
+                ClientError::Setting {
+                    flag: "--trust-domain/--namespace/--service-account",
+                    value: format!("{}/{namespace}/{service_account}", self.trust_domain),
+                    reason: e.to_string(),
+                }
+            })?;
+        let control_plane_name =
+            ServerName::try_from(self.control_plane_name.clone()).map_err(|e| {
+                ClientError::Setting {
+                    flag: "--control-plane-name",
+                    value: self.control_plane_name.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
         let anchors_error = |reason: String| ClientError::Setting {
             flag: "--trust-anchors",
             value: anchors_path.display().to_string(),
             reason,
         };
-        let pem = std::fs::read_to_string(&anchors_path).map_err(|e| anchors_error(e.to_string()))?;
+        let pem =
+            std::fs::read_to_string(&anchors_path).map_err(|e| anchors_error(e.to_string()))?;
         let mut trust_anchors = RootCertStore::empty();
-        for anchor in parse_certificates(&pem, "trust anchors").map_err(|e| anchors_error(e.to_string()))? {
-            trust_anchors.add(anchor).map_err(|e| anchors_error(e.to_string()))?;
+        for anchor in
+            parse_certificates(&pem, "trust anchors").map_err(|e| anchors_error(e.to_string()))?
+        {
+            trust_anchors
+                .add(anchor)
+                .map_err(|e| anchors_error(e.to_string()))?;
         }
         let credential = match &self.join_token {
             Some(token) => Credential::JoinToken(token.clone()),
@@ -319,7 +367,11 @@ impl CertManager {
             .with_root_certificates(settings.trust_anchors.clone())
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(CertManager { settings, connector: TlsConnector::from(Arc::new(config)), store: IdentityStore::new() })
+        Ok(CertManager {
+            settings,
+            connector: TlsConnector::from(Arc::new(config)),
+            store: IdentityStore::new(),
+        })
     }
 
     /// The store this manager fills; hand it to [`super::server_config`] and [`super::client_config`].
@@ -337,7 +389,10 @@ impl CertManager {
                 Ok(credentials) => {
                     retry = self.settings.retry_initial;
                     let received = SystemTime::now();
-                    let remaining = credentials.not_after().duration_since(received).unwrap_or_default();
+                    let remaining = credentials
+                        .not_after()
+                        .duration_since(received)
+                        .unwrap_or_default();
                     tracing::info!(
                         identity = %credentials.identity(),
                         expires_in = ?remaining,
@@ -355,7 +410,9 @@ impl CertManager {
                             current_expires_in = ?current.not_after().duration_since(SystemTime::now()).unwrap_or_default(),
                             "certificate renewal failed; keeping the current certificate"
                         ),
-                        None => tracing::warn!(%error, retry_in = ?delay, "no mesh certificate yet"),
+                        None => {
+                            tracing::warn!(%error, retry_in = ?delay, "no mesh certificate yet")
+                        }
                     }
                     tokio::time::sleep(delay).await;
                     retry = (retry * 2).min(self.settings.retry_max);
@@ -374,18 +431,31 @@ impl CertManager {
         params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
         let csr_pem = params.serialize_request(&key)?.pem()?;
         let token = self.settings.credential.read().await?;
-        let body = IssueRequest { identity: identity.to_string(), csr_pem };
+        let body = IssueRequest {
+            identity: identity.to_string(),
+            csr_pem,
+        };
 
         let addr = &self.settings.control_plane_addr;
         let after = self.settings.request_timeout;
         let response = tokio::time::timeout(after, self.post(&body, &token))
             .await
-            .map_err(|_| ClientError::Timeout { addr: addr.clone(), after })??;
+            .map_err(|_| ClientError::Timeout {
+                addr: addr.clone(),
+                after,
+            })??;
 
         let key = PrivatePkcs8KeyDer::from(key.serialize_der()).into();
-        let credentials = Credentials::from_pem(&response.certificate_chain_pem, key, &response.trust_bundle_pem)?;
+        let credentials = Credentials::from_pem(
+            &response.certificate_chain_pem,
+            key,
+            &response.trust_bundle_pem,
+        )?;
         if credentials.identity() != identity {
-            return Err(ClientError::WrongIdentity { expected: identity.clone(), issued: credentials.identity().clone() });
+            return Err(ClientError::WrongIdentity {
+                expected: identity.clone(),
+                issued: credentials.identity().clone(),
+            });
         }
         credentials.verify_chain()?;
         Ok(credentials)
@@ -393,25 +463,37 @@ impl CertManager {
 
     async fn post(&self, body: &IssueRequest, token: &str) -> Result<IssueResponse, ClientError> {
         let addr = &self.settings.control_plane_addr;
-        let http_error = |e: &dyn std::fmt::Display| ClientError::Http { addr: addr.clone(), reason: e.to_string() };
+        let http_error = |e: &dyn std::fmt::Display| ClientError::Http {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        };
 
-        let tcp = TcpStream::connect(addr.as_str())
-            .await
-            .map_err(|source| ClientError::Connect { addr: addr.clone(), source })?;
+        let tcp =
+            TcpStream::connect(addr.as_str())
+                .await
+                .map_err(|source| ClientError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
         let tls = self
             .connector
             .connect(self.settings.control_plane_name.clone(), tcp)
             .await
-            .map_err(|source| ClientError::Tls { addr: addr.clone(), source })?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| http_error(&e))?;
+            .map_err(|source| ClientError::Tls {
+                addr: addr.clone(),
+                source,
+            })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| http_error(&e))?;
         // The connection task ends when `sender` is dropped at the end of this request.
         tokio::spawn(connection);
 
-        let authorization = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| ClientError::Token {
-            origin: "credential".into(),
-            reason: "contains characters not allowed in an HTTP header".into(),
-        })?;
+        let authorization =
+            HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| ClientError::Token {
+                origin: "credential".into(),
+                reason: "contains characters not allowed in an HTTP header".into(),
+            })?;
         let json = serde_json::to_vec(body).map_err(|e| http_error(&e))?;
         let request = Request::post(ISSUE_PATH)
             .header(HOST, self.settings.control_plane_name.to_str().as_ref())
@@ -419,7 +501,10 @@ impl CertManager {
             .header(AUTHORIZATION, authorization)
             .body(Full::new(Bytes::from(json)))
             .map_err(|e| http_error(&e))?;
-        let response = sender.send_request(request).await.map_err(|e| http_error(&e))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| http_error(&e))?;
         let status = response.status();
         let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
@@ -428,14 +513,24 @@ impl CertManager {
             .to_bytes();
 
         if status == StatusCode::OK {
-            return serde_json::from_slice(&bytes)
-                .map_err(|e| ClientError::BadResponse { addr: addr.clone(), reason: e.to_string() });
+            return serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            });
         }
         let (reason, message) = match serde_json::from_slice::<IssueError>(&bytes) {
             Ok(refusal) => (refusal.reason, refusal.message),
-            Err(_) => (String::new(), String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned()),
+            Err(_) => (
+                String::new(),
+                String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
+            ),
         };
-        Err(ClientError::Refused { identity: self.settings.identity.clone(), status, reason, message })
+        Err(ClientError::Refused {
+            identity: self.settings.identity.clone(),
+            status,
+            reason,
+            message,
+        })
     }
 }
 
@@ -461,7 +556,9 @@ mod tests {
     }
 
     fn parse(args: &[&str]) -> IdentityArgs {
-        Cli::try_parse_from(std::iter::once("meshlet").chain(args.iter().copied())).unwrap().identity
+        Cli::try_parse_from(std::iter::once("meshlet").chain(args.iter().copied()))
+            .unwrap()
+            .identity
     }
 
     #[test]
@@ -471,29 +568,53 @@ mod tests {
 
     #[test]
     fn missing_and_bad_settings_are_named() {
-        let err = parse(&["--control-plane-addr", "cp:8443", "--namespace", "shop"]).settings().unwrap_err();
-        assert!(err.to_string().contains("--service-account"), "{err}");
-
-        let err = parse(&["--control-plane-addr", "cp:8443", "--namespace", "shop", "--service-account", "web"])
+        let err = parse(&["--control-plane-addr", "cp:8443", "--namespace", "shop"])
             .settings()
             .unwrap_err();
+        assert!(err.to_string().contains("--service-account"), "{err}");
+
+        let err = parse(&[
+            "--control-plane-addr",
+            "cp:8443",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "web",
+        ])
+        .settings()
+        .unwrap_err();
         assert!(err.to_string().contains("--trust-anchors"), "{err}");
 
         let err = parse(&[
-            "--control-plane-addr", "cp:8443", "--namespace", "Shop Floor", "--service-account", "web",
-            "--trust-anchors", "/nonexistent",
+            "--control-plane-addr",
+            "cp:8443",
+            "--namespace",
+            "Shop Floor",
+            "--service-account",
+            "web",
+            "--trust-anchors",
+            "/nonexistent",
         ])
         .settings()
         .unwrap_err();
         assert!(err.to_string().contains("Shop Floor"), "{err}");
 
         let err = parse(&[
-            "--control-plane-addr", "cp:8443", "--namespace", "shop", "--service-account", "web",
-            "--trust-anchors", "/nonexistent/anchors.pem",
+            "--control-plane-addr",
+            "cp:8443",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "web",
+            "--trust-anchors",
+            "/nonexistent/anchors.pem",
         ])
         .settings()
         .unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/anchors.pem"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/anchors.pem"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -508,7 +629,10 @@ mod tests {
     fn jitter_stays_between_half_and_all_of_the_delay() {
         for _ in 0..100 {
             let d = jittered(Duration::from_secs(2));
-            assert!(d >= Duration::from_secs(1) && d <= Duration::from_secs(2), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(2),
+                "{d:?}"
+            );
         }
     }
 }

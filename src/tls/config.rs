@@ -32,7 +32,9 @@ pub fn offers_mesh_alpn<'a>(mut offered: impl Iterator<Item = &'a [u8]>) -> bool
 /// process-wide default is needed and no second provider can be picked up.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
 }
 
 /// The inbound side of mesh mTLS: presents the store's current certificate, requires and verifies a client
@@ -62,7 +64,10 @@ pub fn client_config(
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(store.clone(), expected)))
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+            store.clone(),
+            expected,
+        )))
         .with_client_cert_resolver(store.clone());
     config.alpn_protocols = vec![alpn.to_vec()];
     config.resumption = Resumption::disabled();

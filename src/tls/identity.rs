@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
@@ -40,8 +41,14 @@ pub enum IdentityError {
 }
 
 /// A workload identity: who a sidecar is, as written in the URI SAN of its certificate.
+///
+/// Cheap to clone (one `Arc`), so it can travel with every request for authorization, headers and metrics.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpiffeId {
+pub struct SpiffeId(Arc<Parts>);
+
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
+    uri: String,
     trust_domain: String,
     namespace: String,
     service_account: String,
@@ -49,42 +56,62 @@ pub struct SpiffeId {
 
 impl SpiffeId {
     /// Builds the identity of a service account; each part is checked as in [`SpiffeId::from_str`].
-    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, IdentityError> {
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, IdentityError> {
         format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
+    }
+
+    /// The identity as a URI, `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub fn as_str(&self) -> &str {
+        &self.0.uri
     }
 
     /// The trust domain, e.g. `cluster.local`.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     /// The Kubernetes namespace of the workload.
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
 
     /// The Kubernetes service account of the workload.
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
     }
 
     /// Reads the identity from a certificate's URI SAN. The certificate must carry exactly one URI SAN
     /// (as the SPIFFE X.509-SVID specification requires) and it must be a valid identity.
     pub fn from_certificate(cert: &CertificateDer<'_>) -> Result<Self, IdentityError> {
-        let (_, parsed) = x509_parser::parse_x509_certificate(cert)
-            .map_err(|e| IdentityError::Certificate(format!("not a valid X.509 certificate: {e}")))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| {
+            IdentityError::Certificate(format!("not a valid X.509 certificate: {e}"))
+        })?;
         let san = parsed
             .subject_alternative_name()
-            .map_err(|e| IdentityError::Certificate(format!("invalid subject alternative names: {e}")))?
+            .map_err(|e| {
+                IdentityError::Certificate(format!("invalid subject alternative names: {e}"))
+            })?
             .ok_or_else(|| IdentityError::Certificate("no subject alternative name".into()))?;
-        let mut uris = san.value.general_names.iter().filter_map(|name| match name {
-            GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        });
+        let mut uris = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::URI(uri) => Some(*uri),
+                _ => None,
+            });
         match (uris.next(), uris.next()) {
             (Some(uri), None) => uri.parse(),
-            (None, _) => Err(IdentityError::Certificate("no URI subject alternative name".into())),
-            (Some(_), Some(_)) => Err(IdentityError::Certificate("more than one URI subject alternative name".into())),
+            (None, _) => Err(IdentityError::Certificate(
+                "no URI subject alternative name".into(),
+            )),
+            (Some(_), Some(_)) => Err(IdentityError::Certificate(
+                "more than one URI subject alternative name".into(),
+            )),
         }
     }
 }
@@ -98,7 +125,7 @@ impl fmt::Debug for SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SCHEME}{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        f.write_str(&self.0.uri)
     }
 }
 
@@ -107,13 +134,18 @@ fn shorten(value: &str) -> String {
 }
 
 fn invalid(value: &str, reason: &'static str) -> IdentityError {
-    IdentityError::InvalidId { value: shorten(value), reason }
+    IdentityError::InvalidId {
+        value: shorten(value),
+        reason,
+    }
 }
 
 /// Trust domains are lowercase letters, digits, `.`, `-` and `_` (SPIFFE-ID section 2.1).
 fn is_trust_domain(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
 
 /// Path segments are letters, digits, `.`, `-` and `_`, and not `.` or `..` (SPIFFE-ID section 2.2).
@@ -121,7 +153,8 @@ fn is_segment(s: &str) -> bool {
     !s.is_empty()
         && s != "."
         && s != ".."
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 impl FromStr for SpiffeId {
@@ -131,26 +164,43 @@ impl FromStr for SpiffeId {
         if value.len() > MAX_ID_LEN {
             return Err(invalid(value, "longer than 2048 bytes"));
         }
-        let rest = value.strip_prefix(SCHEME).ok_or_else(|| invalid(value, "must start with spiffe://"))?;
-        let (trust_domain, path) = rest.split_once('/').ok_or_else(|| invalid(value, "has no path"))?;
+        let rest = value
+            .strip_prefix(SCHEME)
+            .ok_or_else(|| invalid(value, "must start with spiffe://"))?;
+        let (trust_domain, path) = rest
+            .split_once('/')
+            .ok_or_else(|| invalid(value, "has no path"))?;
         if !is_trust_domain(trust_domain) {
-            return Err(invalid(value, "trust domain must be non-empty lowercase letters, digits, '.', '-', '_'"));
+            return Err(invalid(
+                value,
+                "trust domain must be non-empty lowercase letters, digits, '.', '-', '_'",
+            ));
         }
         let segments: Vec<&str> = path.split('/').collect();
         let [ns_key, namespace, sa_key, service_account] = segments[..] else {
-            return Err(invalid(value, "path must be /ns/<namespace>/sa/<service-account>"));
+            return Err(invalid(
+                value,
+                "path must be /ns/<namespace>/sa/<service-account>",
+            ));
         };
         if ns_key != "ns" || sa_key != "sa" {
-            return Err(invalid(value, "path must be /ns/<namespace>/sa/<service-account>"));
+            return Err(invalid(
+                value,
+                "path must be /ns/<namespace>/sa/<service-account>",
+            ));
         }
         if !is_segment(namespace) || !is_segment(service_account) {
-            return Err(invalid(value, "namespace and service account must be non-empty letters, digits, '.', '-', '_'"));
+            return Err(invalid(
+                value,
+                "namespace and service account must be non-empty letters, digits, '.', '-', '_'",
+            ));
         }
-        Ok(SpiffeId {
+        Ok(SpiffeId(Arc::new(Parts {
+            uri: value.to_owned(),
             trust_domain: trust_domain.to_owned(),
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
-        })
+        })))
     }
 }
 
@@ -196,9 +246,14 @@ impl FromStr for IdentityPattern {
         if value.starts_with(SCHEME) {
             return value.parse().map(IdentityPattern::Exact);
         }
-        match value.strip_prefix("ns/").and_then(|rest| rest.strip_suffix("/*")) {
+        match value
+            .strip_prefix("ns/")
+            .and_then(|rest| rest.strip_suffix("/*"))
+        {
             Some(ns) if is_segment(ns) => Ok(IdentityPattern::Namespace(ns.to_owned())),
-            _ => Err(IdentityError::InvalidPattern { value: shorten(value) }),
+            _ => Err(IdentityError::InvalidPattern {
+                value: shorten(value),
+            }),
         }
     }
 }
@@ -239,7 +294,11 @@ impl AllowList {
 
     /// Parses each entry (`spiffe://…` or `ns/<namespace>/*`); the error names the first bad entry.
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, IdentityError> {
-        entries.iter().map(|e| e.as_ref().parse()).collect::<Result<_, _>>().map(AllowList)
+        entries
+            .iter()
+            .map(|e| e.as_ref().parse())
+            .collect::<Result<_, _>>()
+            .map(AllowList)
     }
 
     /// Whether `id` may call the service.
@@ -265,7 +324,10 @@ mod tests {
         assert_eq!(id.namespace(), "shop");
         assert_eq!(id.service_account(), "checkout");
         assert_eq!(id.to_string(), text);
-        assert_eq!(SpiffeId::new("cluster.local", "shop", "checkout").unwrap(), id);
+        assert_eq!(
+            SpiffeId::new("cluster.local", "shop", "checkout").unwrap(),
+            id
+        );
     }
 
     #[test]
@@ -289,7 +351,10 @@ mod tests {
             "spiffe://cluster.local:8080/ns/a/sa/b",
         ] {
             let err = bad.parse::<SpiffeId>().unwrap_err();
-            assert!(err.to_string().contains(&format!("{bad:?}")), "{err} should name {bad:?}");
+            assert!(
+                err.to_string().contains(&format!("{bad:?}")),
+                "{err} should name {bad:?}"
+            );
         }
         let long = format!("spiffe://cluster.local/ns/{}/sa/b", "a".repeat(3000));
         assert!(long.parse::<SpiffeId>().is_err());
@@ -297,7 +362,9 @@ mod tests {
 
     #[test]
     fn patterns_match_exact_identities_and_namespaces() {
-        let checkout: SpiffeId = "spiffe://cluster.local/ns/shop/sa/checkout".parse().unwrap();
+        let checkout: SpiffeId = "spiffe://cluster.local/ns/shop/sa/checkout"
+            .parse()
+            .unwrap();
         let cart: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
         let admin: SpiffeId = "spiffe://cluster.local/ns/ops/sa/admin".parse().unwrap();
 
@@ -310,19 +377,36 @@ mod tests {
         assert!(!shop.matches(&admin));
         assert_eq!(shop.to_string(), "ns/shop/*");
 
-        for bad in ["ns/shop", "ns//*", "ns/shop/sa/*", "shop/*", "*", "spiffe://x/ns/a"] {
+        for bad in [
+            "ns/shop",
+            "ns//*",
+            "ns/shop/sa/*",
+            "shop/*",
+            "*",
+            "spiffe://x/ns/a",
+        ] {
             let err = bad.parse::<IdentityPattern>().unwrap_err();
-            assert!(err.to_string().contains(&format!("{bad:?}")), "{err} should name {bad:?}");
+            assert!(
+                err.to_string().contains(&format!("{bad:?}")),
+                "{err} should name {bad:?}"
+            );
         }
     }
 
     #[test]
     fn allow_lists_allow_any_matching_pattern_and_nothing_when_empty() {
-        let list = AllowList::parse(&["ns/ops/*", "spiffe://cluster.local/ns/shop/sa/checkout"]).unwrap();
+        let list =
+            AllowList::parse(&["ns/ops/*", "spiffe://cluster.local/ns/shop/sa/checkout"]).unwrap();
         assert!(list.allows(&"spiffe://cluster.local/ns/ops/sa/x".parse().unwrap()));
-        assert!(list.allows(&"spiffe://cluster.local/ns/shop/sa/checkout".parse().unwrap()));
+        assert!(list.allows(
+            &"spiffe://cluster.local/ns/shop/sa/checkout"
+                .parse()
+                .unwrap()
+        ));
         assert!(!list.allows(&"spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap()));
-        assert!(!AllowList::default().allows(&"spiffe://cluster.local/ns/ops/sa/x".parse().unwrap()));
+        assert!(
+            !AllowList::default().allows(&"spiffe://cluster.local/ns/ops/sa/x".parse().unwrap())
+        );
 
         let err = AllowList::parse(&["ns/ops/*", "nobody"]).unwrap_err();
         assert!(err.to_string().contains("\"nobody\""));

@@ -40,21 +40,29 @@ impl Credentials {
         key: PrivateKeyDer<'static>,
         trust_bundle: Vec<CertificateDer<'static>>,
     ) -> Result<Self, TlsError> {
-        let leaf = chain.first().ok_or(TlsError::NoCertificate { what: "certificate chain" })?;
+        let leaf = chain.first().ok_or(TlsError::NoCertificate {
+            what: "certificate chain",
+        })?;
         let identity = SpiffeId::from_certificate(leaf)?;
         let (not_before, not_after) = validity(leaf)?;
-        let certified_key = CertifiedKey::from_der(chain, key, &provider())
-            .map_err(|source| TlsError::Key { identity: identity.clone(), source })?;
+        let certified_key =
+            CertifiedKey::from_der(chain, key, &provider()).map_err(|source| TlsError::Key {
+                identity: identity.clone(),
+                source,
+            })?;
 
         if trust_bundle.is_empty() {
-            return Err(TlsError::NoCertificate { what: "trust bundle" });
+            return Err(TlsError::NoCertificate {
+                what: "trust bundle",
+            });
         }
         let mut roots = RootCertStore::empty();
         for anchor in trust_bundle {
             roots.add(anchor).map_err(TlsError::TrustAnchor)?;
         }
         let roots = Arc::new(roots);
-        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build()?;
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build()?;
         Ok(Credentials {
             identity,
             certified_key: Arc::new(certified_key),
@@ -66,15 +74,28 @@ impl Credentials {
     }
 
     /// Like [`Credentials::new`], from the PEM texts the issuance API returns.
-    pub fn from_pem(chain_pem: &str, key: PrivateKeyDer<'static>, trust_bundle_pem: &str) -> Result<Self, TlsError> {
-        Self::new(parse_certificates(chain_pem, "certificate chain")?, key, parse_certificates(trust_bundle_pem, "trust bundle")?)
+    pub fn from_pem(
+        chain_pem: &str,
+        key: PrivateKeyDer<'static>,
+        trust_bundle_pem: &str,
+    ) -> Result<Self, TlsError> {
+        Self::new(
+            parse_certificates(chain_pem, "certificate chain")?,
+            key,
+            parse_certificates(trust_bundle_pem, "trust bundle")?,
+        )
     }
 
     /// Verifies that the chain leads from the leaf to the trust bundle and is valid now: what peers will check.
     pub fn verify_chain(&self) -> Result<(), TlsError> {
         let chain = &self.certified_key.cert;
-        let chain_error = |source| TlsError::Chain { identity: self.identity.clone(), source };
-        let leaf = chain.first().ok_or(TlsError::NoCertificate { what: "certificate chain" })?;
+        let chain_error = |source| TlsError::Chain {
+            identity: self.identity.clone(),
+            source,
+        };
+        let leaf = chain.first().ok_or(TlsError::NoCertificate {
+            what: "certificate chain",
+        })?;
         let parsed = ParsedCertificate::try_from(leaf).map_err(chain_error)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
@@ -129,7 +150,10 @@ impl fmt::Debug for Credentials {
 }
 
 /// Every `CERTIFICATE` block of a PEM text, in order.
-pub fn parse_certificates(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn parse_certificates(
+    pem: &str,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Pem { what, source })?;
@@ -141,11 +165,16 @@ pub fn parse_certificates(pem: &str, what: &'static str) -> Result<Vec<Certifica
 
 /// The leaf's validity window, read from the certificate itself (the authority on when it expires).
 fn validity(leaf: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|e| super::IdentityError::Certificate(format!("not a valid X.509 certificate: {e}")))?;
-    let to_system_time = |secs: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| {
+        super::IdentityError::Certificate(format!("not a valid X.509 certificate: {e}"))
+    })?;
+    let to_system_time =
+        |secs: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
     let validity = parsed.validity();
-    Ok((to_system_time(validity.not_before.timestamp()), to_system_time(validity.not_after.timestamp())))
+    Ok((
+        to_system_time(validity.not_before.timestamp()),
+        to_system_time(validity.not_after.timestamp()),
+    ))
 }
 
 /// The current credentials, shared by every TLS config of the sidecar and replaced by the certificate manager.
@@ -158,7 +187,9 @@ pub struct IdentityStore {
 impl IdentityStore {
     /// A store with no credentials yet.
     pub fn new() -> Arc<Self> {
-        Arc::new(IdentityStore { current: watch::Sender::new(None) })
+        Arc::new(IdentityStore {
+            current: watch::Sender::new(None),
+        })
     }
 
     /// A store holding these credentials from the start.
@@ -193,7 +224,9 @@ impl IdentityStore {
 
 impl fmt::Debug for IdentityStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdentityStore").field("current", &self.current()).finish()
+        f.debug_struct("IdentityStore")
+            .field("current", &self.current())
+            .finish()
     }
 }
 
@@ -204,7 +237,11 @@ impl ResolvesServerCert for IdentityStore {
 }
 
 impl ResolvesClientCert for IdentityStore {
-    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
         self.current().map(|c| c.certified_key.clone())
     }
 

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CertifiedIssuer, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CertifiedIssuer,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    PKCS_ECDSA_P256_SHA256,
 };
 use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -42,7 +43,6 @@ impl TestLeaf {
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivatePkcs8KeyDer::from(self.key_der.clone()).into()
     }
-
 }
 
 fn offset_time(t: SystemTime) -> time::OffsetDateTime {
@@ -50,15 +50,22 @@ fn offset_time(t: SystemTime) -> time::OffsetDateTime {
         Ok(after) => after.as_secs() as i64,
         Err(before) => -(before.duration().as_secs() as i64),
     };
-    time::OffsetDateTime::from_unix_timestamp(secs).expect("test time within the representable range")
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .expect("test time within the representable range")
 }
 
 fn ca_params(common_name: &str, path_len: u8) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     params.not_before = offset_time(SystemTime::now() - Duration::from_secs(3600));
     params.not_after = offset_time(SystemTime::now() + Duration::from_secs(10 * 24 * 3600));
     params
@@ -71,7 +78,10 @@ fn leaf_params(san: SanType, not_before: SystemTime, not_after: SystemTime) -> C
     params.subject_alt_names = vec![san];
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.not_before = offset_time(not_before);
     params.not_after = offset_time(not_after);
     params
@@ -118,13 +128,28 @@ impl TestCa {
     pub fn issue_dns(&self, dns_name: &str) -> TestLeaf {
         let now = SystemTime::now();
         let san = SanType::DnsName(dns_name.try_into().expect("a DNS name"));
-        self.issue_with_san(san, now - Duration::from_secs(60), now + Duration::from_secs(24 * 3600))
+        self.issue_with_san(
+            san,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(24 * 3600),
+        )
     }
 
-    fn issue_with_san(&self, san: SanType, not_before: SystemTime, not_after: SystemTime) -> TestLeaf {
+    fn issue_with_san(
+        &self,
+        san: SanType,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> TestLeaf {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("generate leaf key");
-        let cert = leaf_params(san, not_before, not_after).signed_by(&key, &self.intermediate).expect("sign leaf");
-        TestLeaf { chain_pem: format!("{}{}", cert.pem(), self.intermediate.pem()), key_der: key.serialize_der(), key_pem: key.serialize_pem() }
+        let cert = leaf_params(san, not_before, not_after)
+            .signed_by(&key, &self.intermediate)
+            .expect("sign leaf");
+        TestLeaf {
+            chain_pem: format!("{}{}", cert.pem(), self.intermediate.pem()),
+            key_der: key.serialize_der(),
+            key_pem: key.serialize_pem(),
+        }
     }
 
     /// Signs a CSR for `id` like the control plane: checks the CSR's signature, takes only its public key,
@@ -137,14 +162,16 @@ impl TestCa {
         not_after: SystemTime,
     ) -> Result<String, rcgen::Error> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
-        let cert = leaf_params(spiffe_san(id), not_before, not_after).signed_by(&csr.public_key, &self.intermediate)?;
+        let cert = leaf_params(spiffe_san(id), not_before, not_after)
+            .signed_by(&csr.public_key, &self.intermediate)?;
         Ok(format!("{}{}", cert.pem(), self.intermediate.pem()))
     }
 
     /// Ready-made credentials for `id`, valid from a minute ago for `ttl`, trusting this CA.
     pub fn credentials(&self, id: &SpiffeId, ttl: Duration) -> Credentials {
         let leaf = self.issue_for(id, ttl);
-        Credentials::from_pem(&leaf.chain_pem, leaf.key(), &self.trust_bundle_pem()).expect("test credentials")
+        Credentials::from_pem(&leaf.chain_pem, leaf.key(), &self.trust_bundle_pem())
+            .expect("test credentials")
     }
 }
 
@@ -154,8 +181,12 @@ pub type Handshake = Result<(Option<SpiffeId>, Option<Vec<u8>>), String>;
 /// A mesh mTLS server on 127.0.0.1: after each handshake it writes one line
 /// `<client identity or -> <alpn or ->\n`, then echoes what it reads. Every handshake's outcome is reported on
 /// the returned channel. Runs until the runtime stops.
-pub async fn spawn_echo_server(config: Arc<ServerConfig>) -> (SocketAddr, mpsc::UnboundedReceiver<Handshake>) {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind loopback");
+pub async fn spawn_echo_server(
+    config: Arc<ServerConfig>,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Handshake>) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind loopback");
     let addr = listener.local_addr().expect("local address");
     let (outcomes, rx) = mpsc::unbounded_channel();
     let acceptor = TlsAcceptor::from(config);
@@ -207,14 +238,23 @@ impl EchoClient {
         let mut stream = BufReader::new(tls);
         let mut greeting = String::new();
         if stream.read_line(&mut greeting).await? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "server closed before its greeting"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server closed before its greeting",
+            ));
         }
-        Ok(EchoClient { stream, greeting: greeting.trim_end().to_owned() })
+        Ok(EchoClient {
+            stream,
+            greeting: greeting.trim_end().to_owned(),
+        })
     }
 
     /// Sends a line and reads the echo: proves the connection still carries data.
     pub async fn echo(&mut self, line: &str) -> io::Result<String> {
-        self.stream.get_mut().write_all(format!("{line}\n").as_bytes()).await?;
+        self.stream
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .await?;
         let mut echoed = String::new();
         self.stream.read_line(&mut echoed).await?;
         Ok(echoed.trim_end().to_owned())

@@ -13,7 +13,10 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::ParsedCertificate;
-use rustls::{CertificateError, CommonState, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
+use rustls::{
+    CertificateError, CommonState, DigitallySignedStruct, DistinguishedName, OtherError,
+    SignatureScheme,
+};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use super::config::provider;
@@ -28,7 +31,9 @@ pub fn peer_identity(conn: &CommonState) -> Option<SpiffeId> {
 }
 
 fn current(store: &IdentityStore) -> Result<Arc<Credentials>, rustls::Error> {
-    store.current().ok_or_else(|| rustls::Error::General("no mesh certificate and trust bundle yet".into()))
+    store
+        .current()
+        .ok_or_else(|| rustls::Error::General("no mesh certificate and trust bundle yet".into()))
 }
 
 fn rejected(error: TlsError) -> rustls::Error {
@@ -73,7 +78,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         let presented = SpiffeId::from_certificate(end_entity).map_err(|e| rejected(e.into()))?;
         if presented != self.expected {
-            return Err(rejected(TlsError::WrongIdentity { expected: self.expected.clone(), presented }));
+            return Err(rejected(TlsError::WrongIdentity {
+                expected: self.expected.clone(),
+                presented,
+            }));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -139,7 +147,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let credentials = current(&self.store)?;
-        credentials.client_verifier().verify_client_cert(end_entity, intermediates, now)?;
+        credentials
+            .client_verifier()
+            .verify_client_cert(end_entity, intermediates, now)?;
         SpiffeId::from_certificate(end_entity).map_err(|e| rejected(e.into()))?;
         Ok(ClientCertVerified::assertion())
     }
