@@ -29,6 +29,8 @@ use super::config::provider;
 use super::store::{parse_certificates, Credentials, IdentityStore};
 use super::{SpiffeId, TlsError};
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Largest token file read (projected tokens are a few KiB).
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 /// Largest issuance response read (a chain and a bundle are a few KiB).
@@ -399,7 +401,8 @@ impl CertManager {
                         "obtained mesh certificate"
                     );
                     self.store.replace(credentials);
-                    tokio::time::sleep(remaining / 2).await;
+                    // A floor, so a certificate that arrives nearly expired cannot make this loop spin.
+                    tokio::time::sleep((remaining / 2).max(self.settings.retry_initial)).await;
                 }
                 Err(error) => {
                     let delay = jittered(retry);
@@ -486,8 +489,6 @@ impl CertManager {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| http_error(&e))?;
-        // The connection task ends when `sender` is dropped at the end of this request.
-        tokio::spawn(connection);
 
         let authorization =
             HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| ClientError::Token {
@@ -501,16 +502,25 @@ impl CertManager {
             .header(AUTHORIZATION, authorization)
             .body(Full::new(Bytes::from(json)))
             .map_err(|e| http_error(&e))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| http_error(&e))?;
-        let status = response.status();
-        let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|e| http_error(&e))?
-            .to_bytes();
+        let exchange = async {
+            let response = sender.send_request(request).await?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await?;
+            Ok::<_, BoxError>((status, body.to_bytes()))
+        };
+        // The connection is driven here rather than spawned, so the request timeout ends it too. If it
+        // ends cleanly first (the server closed after answering), the answer is already buffered.
+        tokio::pin!(exchange, connection);
+        let exchanged = tokio::select! {
+            exchanged = &mut exchange => exchanged,
+            closed = &mut connection => match closed {
+                Ok(()) => exchange.await,
+                Err(e) => Err(e.into()),
+            },
+        };
+        let (status, bytes) = exchanged.map_err(|e| http_error(&e))?;
 
         if status == StatusCode::OK {
             return serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse {
@@ -559,6 +569,21 @@ mod tests {
         Cli::try_parse_from(std::iter::once("meshlet").chain(args.iter().copied()))
             .unwrap()
             .identity
+    }
+
+    /// The lead flattens these flags into `meshlet proxy`: no flag or env name may clash.
+    #[test]
+    fn flags_fit_beside_the_proxy_flags() {
+        use clap::CommandFactory;
+
+        #[derive(Parser)]
+        struct Proxy {
+            #[command(flatten)]
+            proxy: crate::config::ProxyArgs,
+            #[command(flatten)]
+            identity: IdentityArgs,
+        }
+        Proxy::command().debug_assert();
     }
 
     #[test]

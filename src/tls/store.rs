@@ -249,3 +249,94 @@ impl ResolvesClientCert for IdentityStore {
         self.current.borrow().is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::testing::TestCa;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn web() -> SpiffeId {
+        SpiffeId::new("cluster.local", "shop", "web").unwrap()
+    }
+
+    #[test]
+    fn credentials_carry_identity_validity_and_a_verifiable_chain() {
+        let ca = TestCa::new("mesh");
+        let credentials = ca.credentials(&web(), HOUR);
+        assert_eq!(credentials.identity(), &web());
+        assert!(credentials.not_before() < SystemTime::now());
+        assert!(credentials.not_after() > SystemTime::now() + HOUR - Duration::from_secs(60));
+        assert_eq!(
+            credentials.certified_key().cert.len(),
+            2,
+            "leaf and intermediate"
+        );
+        credentials.verify_chain().unwrap();
+    }
+
+    #[test]
+    fn bad_inputs_are_refused_with_the_reason() {
+        let ca = TestCa::new("mesh");
+        let bundle = ca.trust_bundle_pem();
+        let (a, b) = (ca.issue_for(&web(), HOUR), ca.issue_for(&web(), HOUR));
+
+        let err = Credentials::from_pem(&a.chain_pem, b.key(), &bundle).unwrap_err();
+        assert!(err.to_string().contains(web().as_str()), "{err}");
+
+        let dns = ca.issue_dns("example.test");
+        let err = Credentials::from_pem(&dns.chain_pem, dns.key(), &bundle).unwrap_err();
+        assert!(
+            err.to_string().contains("no URI subject alternative name"),
+            "{err}"
+        );
+
+        let err = Credentials::from_pem(&a.chain_pem, a.key(), "").unwrap_err();
+        assert!(err.to_string().contains("trust bundle"), "{err}");
+        let err = Credentials::from_pem("garbage", a.key(), &bundle).unwrap_err();
+        assert!(err.to_string().contains("certificate chain"), "{err}");
+    }
+
+    #[test]
+    fn chains_that_peers_would_refuse_fail_verification() {
+        let (ca, other) = (TestCa::new("mesh"), TestCa::new("other"));
+        let foreign = other.issue_for(&web(), HOUR);
+        let credentials =
+            Credentials::from_pem(&foreign.chain_pem, foreign.key(), &ca.trust_bundle_pem())
+                .unwrap();
+        let err = credentials.verify_chain().unwrap_err();
+        assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+
+        let now = SystemTime::now();
+        let expired = ca.issue(&web(), now - 2 * HOUR, now - HOUR);
+        let credentials =
+            Credentials::from_pem(&expired.chain_pem, expired.key(), &ca.trust_bundle_pem())
+                .unwrap();
+        assert!(credentials.verify_chain().is_err());
+    }
+
+    #[tokio::test]
+    async fn the_store_resolves_nothing_until_filled_then_the_latest() {
+        let ca = TestCa::new("mesh");
+        let store = IdentityStore::new();
+        assert!(store.current().is_none());
+        assert!(!ResolvesClientCert::has_certs(&*store));
+        assert!(ResolvesClientCert::resolve(&*store, &[], &[]).is_none());
+
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.ready().await }
+        });
+        let first = ca.credentials(&web(), HOUR);
+        let first_leaf = first.certified_key().cert[0].clone();
+        store.replace(first);
+        waiter.await.unwrap();
+        let resolved = ResolvesClientCert::resolve(&*store, &[], &[]).unwrap();
+        assert_eq!(resolved.cert[0], first_leaf);
+
+        store.replace(ca.credentials(&web(), HOUR));
+        let resolved = ResolvesClientCert::resolve(&*store, &[], &[]).unwrap();
+        assert_ne!(resolved.cert[0], first_leaf);
+    }
+}
