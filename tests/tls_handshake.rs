@@ -1,15 +1,23 @@
 //! Mesh mTLS handshakes over real loopback sockets: identities, ALPN, rejections and rotation.
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use meshlet::tls::offers_mesh_alpn;
+use meshlet::tls::store::parse_certificates;
 use meshlet::tls::testing::{spawn_echo_server, EchoClient, Handshake, TestCa};
 use meshlet::tls::{
     client_config, peer_identity, provider, server_config, Credentials, IdentityStore, SpiffeId,
     ALPN_MESH_H2, ALPN_MESH_TCP,
 };
-use rustls::ClientConfig;
+use rustls::server::Acceptor;
+use rustls::{ClientConfig, ServerConfig};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -212,4 +220,73 @@ async fn rotation_applies_to_new_connections_and_spares_old_ones() {
         before.echo("old connection").await.unwrap(),
         "old connection"
     );
+}
+
+/// A permissive inbound port reads the ClientHello first: mesh ALPN gets the mesh config (client
+/// certificate required), anything else is the application's own TLS and gets the application's config.
+#[tokio::test]
+async fn a_permissive_port_tells_mesh_peers_from_application_tls_by_alpn() {
+    let ca = TestCa::new("mesh");
+    let server = IdentityStore::with_credentials(ca.credentials(&id("server"), HOUR));
+    let mesh_config = server_config(&server).unwrap();
+    let app_ca = TestCa::new("app");
+    let app_leaf = app_ca.issue_dns("app.test");
+    let app_config = Arc::new(
+        ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                parse_certificates(&app_leaf.chain_pem, "app").unwrap(),
+                app_leaf.key(),
+            )
+            .unwrap(),
+    );
+
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (mesh_config, app_config) = (mesh_config.clone(), app_config.clone());
+            tokio::spawn(async move {
+                let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+                let mesh = offers_mesh_alpn(&start.client_hello());
+                let mut tls = start
+                    .into_stream(if mesh { mesh_config } else { app_config })
+                    .await?;
+                let greeting = match peer_identity(tls.get_ref().1) {
+                    Some(peer) if mesh => format!("mesh {peer}\n"),
+                    _ => "app\n".to_owned(),
+                };
+                tls.write_all(greeting.as_bytes()).await
+            });
+        }
+    });
+
+    let client = IdentityStore::with_credentials(ca.credentials(&id("client"), HOUR));
+    let mesh = EchoClient::connect(
+        client_config(&client, id("server"), ALPN_MESH_H2).unwrap(),
+        addr,
+    )
+    .await
+    .unwrap();
+    assert_eq!(mesh.greeting, format!("mesh {}", id("client")));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(parse_certificates(&app_ca.trust_bundle_pem(), "app").unwrap());
+    let mut app_client = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    app_client.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("app.test").unwrap();
+    let tls = TlsConnector::from(Arc::new(app_client))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut greeting = String::new();
+    BufReader::new(tls).read_line(&mut greeting).await.unwrap();
+    assert_eq!(greeting, "app\n");
 }

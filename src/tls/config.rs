@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
-use rustls::server::NoServerSessionStorage;
+use rustls::server::{ClientHello, NoServerSessionStorage};
 use rustls::{ClientConfig, ServerConfig};
 
 use super::store::IdentityStore;
@@ -22,10 +22,15 @@ pub const ALPN_MESH_H2: &[u8] = b"meshlet/h2";
 /// ALPN id of opaque TCP between sidecars (a transport header states the target, then raw bytes).
 pub const ALPN_MESH_TCP: &[u8] = b"meshlet/tcp";
 
-/// Whether a ClientHello's ALPN list offers a mesh protocol: how a permissive inbound port tells a peer
-/// sidecar (answer with [`server_config`]) from the application's own TLS (pass through untouched).
-pub fn offers_mesh_alpn<'a>(mut offered: impl Iterator<Item = &'a [u8]>) -> bool {
-    offered.any(|p| p == ALPN_MESH_H2 || p == ALPN_MESH_TCP)
+/// Whether a ClientHello offers a mesh ALPN id: how a permissive inbound port tells a peer sidecar (finish
+/// the handshake with [`server_config`]) from the application's own TLS (pass it through untouched). Read the
+/// ClientHello with `tokio_rustls::LazyConfigAcceptor` before choosing.
+pub fn offers_mesh_alpn(hello: &ClientHello<'_>) -> bool {
+    hello
+        .alpn()
+        .into_iter()
+        .flatten()
+        .any(|p| p == ALPN_MESH_H2 || p == ALPN_MESH_TCP)
 }
 
 /// The one crypto provider of the process (ring), passed explicitly to every rustls builder so that no
@@ -73,17 +78,4 @@ pub fn client_config(
     config.resumption = Resumption::disabled();
     config.enable_sni = false;
     Ok(Arc::new(config))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mesh_alpn_is_recognised_among_others() {
-        assert!(offers_mesh_alpn([&b"h2"[..], ALPN_MESH_TCP].into_iter()));
-        assert!(offers_mesh_alpn([ALPN_MESH_H2].into_iter()));
-        assert!(!offers_mesh_alpn([&b"h2"[..], b"http/1.1"].into_iter()));
-        assert!(!offers_mesh_alpn(std::iter::empty()));
-    }
 }

@@ -6,6 +6,17 @@
 //! - [`config`]: the rustls server and client configurations of the mesh (TLS 1.3, ring, ALPN).
 //! - [`client`]: the certificate manager that obtains and renews the certificate from the control plane.
 //! - [`api`]: the issuance API's wire types, shared with the control plane.
+//!
+//! Wiring in the proxy:
+//! - Start: `args.settings()?` on [`IdentityArgs`]; `None` means no control plane, so the sidecar runs plain.
+//!   Otherwise `let manager = CertManager::new(settings)?; let store = manager.store().clone();
+//!   tokio::spawn(manager.run());` and hold readiness until `store.ready().await`.
+//! - Inbound: build [`server_config`] once. On a permissive port, read the ClientHello with
+//!   `tokio_rustls::LazyConfigAcceptor`; if [`offers_mesh_alpn`] says it is a peer sidecar, finish with
+//!   `start.into_stream(server_config)`, then [`peer_identity`] and `alpn_protocol()` tell who is calling and
+//!   whether HTTP/2 or opaque TCP follows; [`AllowList::allows`] decides whether it may.
+//! - Outbound: one [`client_config`] per (expected identity, ALPN), cached; connect with
+//!   `TlsConnector::from(config).connect(ServerName::IpAddress(ip.into()), tcp)`.
 
 pub mod api;
 pub mod client;
@@ -17,7 +28,9 @@ pub mod testing;
 pub mod verify;
 
 pub use client::{CertManager, ClientError, IdentityArgs, IdentitySettings};
-pub use config::{client_config, provider, server_config, ALPN_MESH_H2, ALPN_MESH_TCP};
+pub use config::{
+    client_config, offers_mesh_alpn, provider, server_config, ALPN_MESH_H2, ALPN_MESH_TCP,
+};
 pub use identity::{AllowList, IdentityError, IdentityPattern, SpiffeId};
 pub use store::{Credentials, IdentityStore};
 pub use verify::peer_identity;
