@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "meshlet", version, about = "A lightweight service-mesh sidecar proxy")]
+#[command(
+    name = "meshlet",
+    version,
+    about = "A lightweight service-mesh sidecar proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,7 +24,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Proxy(_args) => anyhow::bail!("proxy: not wired yet"),
+        Command::Proxy(args) => meshlet::app::run(args),
         Command::Version => {
             println!("meshlet {}", env!("CARGO_PKG_VERSION"));
             Ok(())
