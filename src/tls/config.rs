@@ -45,7 +45,8 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// The inbound side of mesh mTLS: presents the store's current certificate, requires and verifies a client
 /// certificate against the current bundle, and negotiates `meshlet/h2` or `meshlet/tcp`. Build it once; a
 /// rotation in the store applies to new handshakes. The caller reads the peer with [`super::peer_identity`]
-/// and the protocol with `alpn_protocol()`.
+/// and the protocol with `alpn_protocol()`; a client that offered no ALPN at all completes with `None`
+/// there and should be refused, since only sidecars are meant to reach this config.
 pub fn server_config(store: &Arc<IdentityStore>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
