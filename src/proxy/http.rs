@@ -222,8 +222,10 @@ fn explicit_authority(req: &Request<Incoming>) -> Result<String, ProxyError> {
     if req.method() != Method::CONNECT && uri.scheme() != Some(&http::uri::Scheme::HTTP) {
         return Err(ProxyError::NotAProxyRequest(uri.to_string()));
     }
-    let port = authority.port_u16().unwrap_or(80);
-    Ok(format!("{}:{}", authority.host(), port))
+    match authority.port_u16() {
+        Some(_) => Ok(authority.as_str().to_owned()),
+        None => Ok(format!("{}:80", authority.host())),
+    }
 }
 
 /// Resolves `host:port`; IP literals skip the resolver.
@@ -285,6 +287,10 @@ fn set_upgrade_headers(headers: &mut HeaderMap) {
 ///
 /// `TE: trailers` survives on requests, since gRPC servers need it to send trailers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
+    // Most messages carry none of these: one pass over the names is cheaper than a lookup per name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -302,22 +308,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
-    for name in ["keep-alive", "proxy-connection", "http2-settings"] {
+    for name in HOP_BY_HOP_NONSTANDARD {
         headers.remove(name);
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+const HOP_BY_HOP_NONSTANDARD: [&str; 3] = ["keep-alive", "proxy-connection", "http2-settings"];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || HOP_BY_HOP_NONSTANDARD.contains(&name.as_str())
 }
 
 #[cfg(test)]
