@@ -9,6 +9,7 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod detect;
+pub mod discovery;
 pub mod drain;
 pub mod listener;
 pub mod metrics;

@@ -6,8 +6,10 @@
 pub mod error;
 mod head;
 pub mod http;
+pub mod mesh;
 pub mod pool;
 pub mod tcp;
+pub mod transport;
 
 use std::sync::Arc;
 
