@@ -16,7 +16,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar proxy (outbound, inbound and admin listeners).
-    Proxy(meshlet::config::ProxyArgs),
+    Proxy(Box<meshlet::config::ProxyArgs>),
+    /// Run the demo shop as a local mesh on loopback.
+    Demo(meshlet::demo::DemoArgs),
     /// Print the version.
     Version,
 }
@@ -24,7 +26,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Proxy(args) => meshlet::app::run(args),
+        Command::Proxy(args) => meshlet::app::run(*args),
+        Command::Demo(args) => meshlet::demo::run(args),
         Command::Version => {
             println!("meshlet {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -12,7 +12,11 @@ pub const MESHLET: &str = env!("CARGO_BIN_EXE_meshlet");
 
 /// A free TCP port on 127.0.0.1 (the kernel's choice; released before the proxy binds it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A `meshlet proxy` child process, killed on drop.
@@ -29,18 +33,27 @@ impl Proxy {
         let outbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut defaults = vec!["--log", "meshlet=debug"];
+        if !extra.contains(&"--drain-delay") {
+            defaults.extend(["--drain-delay", "0s"]);
+        }
         let child = Command::new(MESHLET)
             .arg("proxy")
             .args(["--outbound-addr", &outbound.to_string()])
             .args(["--inbound-addr", &inbound.to_string()])
             .args(["--admin-addr", &admin.to_string()])
-            .args(["--drain-delay", "0s", "--log", "meshlet=debug"])
+            .args(&defaults)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start meshlet proxy");
-        let proxy = Proxy { child, outbound, inbound, admin };
+        let proxy = Proxy {
+            child,
+            outbound,
+            inbound,
+            admin,
+        };
         proxy.wait_ready();
         proxy
     }
@@ -48,7 +61,10 @@ impl Proxy {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(rsp) = raw_request(self.admin, b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n") {
+            if let Ok(rsp) = raw_request(
+                self.admin,
+                b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+            ) {
                 if rsp.status == 200 {
                     return;
                 }
@@ -60,7 +76,11 @@ impl Proxy {
 
     /// The Prometheus exposition from `/metrics`.
     pub fn metrics(&self) -> String {
-        let rsp = raw_request(self.admin, b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
+        let rsp = raw_request(
+            self.admin,
+            b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!(rsp.status, 200);
         String::from_utf8(rsp.body).unwrap()
     }
@@ -127,7 +147,10 @@ pub struct RawResponse {
 impl RawResponse {
     /// The first header of that name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -151,7 +174,12 @@ pub fn read_response(stream: &mut TcpStream) -> std::io::Result<RawResponse> {
             let headers: Vec<(String, String)> = rsp
                 .headers
                 .iter()
-                .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).to_string()))
+                .map(|h| {
+                    (
+                        h.name.to_string(),
+                        String::from_utf8_lossy(h.value).to_string(),
+                    )
+                })
                 .collect();
             let length = headers
                 .iter()
@@ -173,11 +201,18 @@ pub fn read_response(stream: &mut TcpStream) -> std::io::Result<RawResponse> {
                     let _ = stream.read_to_end(&mut body);
                 }
             }
-            return Ok(RawResponse { status, headers, body });
+            return Ok(RawResponse {
+                status,
+                headers,
+                body,
+            });
         }
         let n = stream.read(&mut chunk)?;
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before a response head"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before a response head",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -187,7 +222,11 @@ pub fn read_response(stream: &mut TcpStream) -> std::io::Result<RawResponse> {
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -201,7 +240,12 @@ pub fn skip_or_fail(reason: &str) {
 
 /// Whether a program is on PATH.
 pub fn have(program: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {program}")).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// A real HTTP origin (HTTP/1.1 and h2c) on a free loopback port, answering with `handler`.
@@ -214,16 +258,20 @@ where
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let handler = handler.clone();
                     async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
             });
         }
     });
@@ -233,7 +281,9 @@ where
 /// A body from bytes.
 pub fn full(bytes: impl Into<bytes::Bytes>) -> meshlet::proxy::Body {
     use http_body_util::BodyExt;
-    http_body_util::Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// Runs [`origin`] on a runtime of its own, so a synchronous test can use blocking sockets against it.
