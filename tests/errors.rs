@@ -93,18 +93,6 @@ impl Setup {
         )
     }
 
-    /// The proxy still runs, still serves, and counted `reason` exactly once.
-    fn assert_counted_once_and_alive(mut self, reason: &str) {
-        assert!(still_running(&mut self.proxy), "the proxy exited");
-        self.good_request();
-        assert_eq!(
-            self.errors(reason),
-            1.0,
-            "meshlet_proxy_errors_total for {reason}:\n{}",
-            self.proxy.metrics()
-        );
-    }
-
     fn origin_saw(&self, path: &str) -> bool {
         self.seen.lock().unwrap().iter().any(|p| p == path)
     }
@@ -182,20 +170,15 @@ fn expect_refusal_after(
     rsp
 }
 
-#[test]
-fn garbage_bytes_get_400_malformed_request() {
-    let setup = Setup::new();
+fn garbage_bytes_get_400_malformed_request(setup: &Setup) {
     let mut bad = setup.connect();
     bad.write_all(b"\x16\x00\xffgarbage\x01\x02\r\n\r\n")
         .unwrap();
     setup.good_request();
     expect_refusal(&mut bad, 400, "malformed-request");
-    setup.assert_counted_once_and_alive("malformed-request");
 }
 
-#[test]
-fn truncated_request_line_then_eof_gets_400() {
-    let setup = Setup::new();
+fn truncated_request_line_then_eof_gets_400(setup: &Setup) {
     let mut bad = setup.connect();
     bad.write_all(format!("GET http://{}/truncated HT", setup.origin).as_bytes())
         .unwrap();
@@ -203,24 +186,18 @@ fn truncated_request_line_then_eof_gets_400() {
     bad.shutdown(Shutdown::Write).unwrap();
     expect_refusal(&mut bad, 400, "malformed-request");
     assert!(!setup.origin_saw("/truncated"));
-    setup.assert_counted_once_and_alive("malformed-request");
 }
 
-#[test]
-fn truncated_request_line_then_silence_gets_408() {
-    let setup = Setup::new();
+fn truncated_request_line_then_silence_gets_408(setup: &Setup) {
     let mut bad = setup.connect();
     bad.write_all(format!("GET http://{}/silent HT", setup.origin).as_bytes())
         .unwrap();
     setup.good_request();
     expect_refusal(&mut bad, 408, "header-read-timeout");
     assert!(!setup.origin_saw("/silent"));
-    setup.assert_counted_once_and_alive("header-read-timeout");
 }
 
-#[test]
-fn oversized_headers_get_431() {
-    let setup = Setup::new();
+fn oversized_headers_get_431(setup: &Setup) {
     let mut bad = setup.connect();
     let origin = setup.origin;
     bad.write_all(format!("GET http://{origin}/big HTTP/1.1\r\nHost: {origin}\r\n").as_bytes())
@@ -231,12 +208,9 @@ fn oversized_headers_get_431() {
     let _ = bad.write_all(big.as_bytes());
     expect_refusal(&mut bad, 431, "headers-too-large");
     assert!(!setup.origin_saw("/big"));
-    setup.assert_counted_once_and_alive("headers-too-large");
 }
 
-#[test]
-fn slowloris_gets_408() {
-    let setup = Setup::new();
+fn slowloris_gets_408(setup: &Setup) {
     let mut bad = setup.connect();
     let origin = setup.origin;
     bad.write_all(
@@ -268,12 +242,9 @@ fn slowloris_gets_408() {
     bad.set_read_timeout(Some(PATIENCE)).unwrap();
     expect_refusal_after(&mut bad, received, 408, "header-read-timeout");
     assert!(!setup.origin_saw("/slowloris"));
-    setup.assert_counted_once_and_alive("header-read-timeout");
 }
 
-#[test]
-fn invalid_chunked_body_gets_400_and_the_connection_closes() {
-    let setup = Setup::new();
+fn invalid_chunked_body_gets_400_and_the_connection_closes(setup: &Setup) {
     let mut bad = setup.connect();
     let origin = setup.origin;
     bad.write_all(
@@ -285,12 +256,9 @@ fn invalid_chunked_body_gets_400_and_the_connection_closes() {
     // Not a hexadecimal chunk size; the connection stays open on our side, so only the proxy can end it.
     bad.write_all(b"zz\r\nnot a chunk\r\n").unwrap();
     expect_refusal(&mut bad, 400, "malformed-body");
-    setup.assert_counted_once_and_alive("malformed-body");
 }
 
-#[test]
-fn content_length_with_transfer_encoding_gets_400_and_never_reaches_the_origin() {
-    let setup = Setup::new();
+fn content_length_with_transfer_encoding_gets_400_and_never_reaches_the_origin(setup: &Setup) {
     let mut bad = setup.connect();
     let origin = setup.origin;
     let smuggle = format!(
@@ -304,12 +272,9 @@ fn content_length_with_transfer_encoding_gets_400_and_never_reaches_the_origin()
         .unwrap();
     expect_refusal(&mut bad, 400, "content-length-and-transfer-encoding");
     assert!(!setup.origin_saw("/smuggle") && !setup.origin_saw("/smuggled"));
-    setup.assert_counted_once_and_alive("content-length-and-transfer-encoding");
 }
 
-#[test]
-fn refused_upstream_gets_502_connect_refused() {
-    let setup = Setup::new();
+fn refused_upstream_gets_502_connect_refused(setup: &Setup) {
     let closed = free_port();
     let mut bad = setup.connect();
     setup.good_request();
@@ -321,7 +286,6 @@ fn refused_upstream_gets_502_connect_refused() {
     let rsp = read_response(&mut bad).expect("an answer for the refused upstream");
     assert_eq!(rsp.status, 502, "{rsp:?}");
     assert_eq!(rsp.header("x-meshlet-error"), Some("connect-refused"));
-    setup.assert_counted_once_and_alive("connect-refused");
 }
 
 /// An origin that reads one request head, answers with `answer` bytes, then resets the connection
@@ -353,9 +317,7 @@ fn resetting_origin(answer: Vec<u8>) -> SocketAddr {
     addr
 }
 
-#[test]
-fn upstream_reset_before_responding_gets_502_upstream_reset() {
-    let setup = Setup::new();
+fn upstream_reset_before_responding_gets_502_upstream_reset(setup: &Setup) {
     let resetter = resetting_origin(Vec::new());
     let mut bad = setup.connect();
     bad.write_all(
@@ -366,12 +328,9 @@ fn upstream_reset_before_responding_gets_502_upstream_reset() {
     let rsp = read_response(&mut bad).expect("an answer for the reset upstream");
     assert_eq!(rsp.status, 502, "{rsp:?}");
     assert_eq!(rsp.header("x-meshlet-error"), Some("upstream-reset"));
-    setup.assert_counted_once_and_alive("upstream-reset");
 }
 
-#[test]
-fn upstream_reset_mid_body_truncates_the_response_and_closes() {
-    let setup = Setup::new();
+fn upstream_reset_mid_body_truncates_the_response_and_closes(setup: &Setup) {
     let declared = 1_000_000;
     let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\n\r\n").into_bytes();
     answer.extend(std::iter::repeat_n(b'x', 10_000));
@@ -390,14 +349,9 @@ fn upstream_reset_mid_body_truncates_the_response_and_closes() {
         "the body cannot be complete: {} bytes",
         rsp.body.len()
     );
-    let mut setup = setup;
-    assert!(still_running(&mut setup.proxy));
-    setup.good_request();
 }
 
-#[test]
-fn slow_upstream_gets_504_response_timeout() {
-    let setup = Setup::new();
+fn slow_upstream_gets_504_response_timeout(setup: &Setup) {
     let mut bad = setup.connect();
     let origin = setup.origin;
     bad.write_all(
@@ -409,5 +363,171 @@ fn slow_upstream_gets_504_response_timeout() {
     assert_eq!(rsp.status, 504, "{rsp:?}");
     assert_eq!(rsp.header("x-meshlet-error"), Some("response-timeout"));
     assert!(setup.origin_saw("/slow"));
-    setup.assert_counted_once_and_alive("response-timeout");
+}
+
+/// Every bad-input scenario and the reason it is counted under (`None`: no answer of the proxy's own).
+const SCENARIOS: &[(fn(&Setup), Option<&str>)] = &[
+    (
+        garbage_bytes_get_400_malformed_request,
+        Some("malformed-request"),
+    ),
+    (
+        truncated_request_line_then_eof_gets_400,
+        Some("malformed-request"),
+    ),
+    (
+        truncated_request_line_then_silence_gets_408,
+        Some("header-read-timeout"),
+    ),
+    (oversized_headers_get_431, Some("headers-too-large")),
+    (slowloris_gets_408, Some("header-read-timeout")),
+    (
+        invalid_chunked_body_gets_400_and_the_connection_closes,
+        Some("malformed-body"),
+    ),
+    (
+        content_length_with_transfer_encoding_gets_400_and_never_reaches_the_origin,
+        Some("content-length-and-transfer-encoding"),
+    ),
+    (
+        refused_upstream_gets_502_connect_refused,
+        Some("connect-refused"),
+    ),
+    (
+        upstream_reset_before_responding_gets_502_upstream_reset,
+        Some("upstream-reset"),
+    ),
+    (
+        upstream_reset_mid_body_truncates_the_response_and_closes,
+        None,
+    ),
+    (
+        slow_upstream_gets_504_response_timeout,
+        Some("response-timeout"),
+    ),
+];
+
+/// One scenario on a proxy of its own: its reason is counted exactly once, and the proxy still serves.
+fn run_alone(scenario: fn(&Setup), reason: Option<&str>) {
+    let mut setup = Setup::new();
+    scenario(&setup);
+    assert!(still_running(&mut setup.proxy), "the proxy exited");
+    setup.good_request();
+    if let Some(reason) = reason {
+        assert_eq!(
+            setup.errors(reason),
+            1.0,
+            "meshlet_proxy_errors_total for {reason}:\n{}",
+            setup.proxy.metrics()
+        );
+    }
+}
+
+#[test]
+fn garbage_bytes_get_400_malformed_request_alone() {
+    run_alone(
+        garbage_bytes_get_400_malformed_request,
+        Some("malformed-request"),
+    );
+}
+
+#[test]
+fn truncated_request_line_then_eof_gets_400_alone() {
+    run_alone(
+        truncated_request_line_then_eof_gets_400,
+        Some("malformed-request"),
+    );
+}
+
+#[test]
+fn truncated_request_line_then_silence_gets_408_alone() {
+    run_alone(
+        truncated_request_line_then_silence_gets_408,
+        Some("header-read-timeout"),
+    );
+}
+
+#[test]
+fn oversized_headers_get_431_alone() {
+    run_alone(oversized_headers_get_431, Some("headers-too-large"));
+}
+
+#[test]
+fn slowloris_gets_408_alone() {
+    run_alone(slowloris_gets_408, Some("header-read-timeout"));
+}
+
+#[test]
+fn invalid_chunked_body_gets_400_and_the_connection_closes_alone() {
+    run_alone(
+        invalid_chunked_body_gets_400_and_the_connection_closes,
+        Some("malformed-body"),
+    );
+}
+
+#[test]
+fn content_length_with_transfer_encoding_gets_400_and_never_reaches_the_origin_alone() {
+    run_alone(
+        content_length_with_transfer_encoding_gets_400_and_never_reaches_the_origin,
+        Some("content-length-and-transfer-encoding"),
+    );
+}
+
+#[test]
+fn refused_upstream_gets_502_connect_refused_alone() {
+    run_alone(
+        refused_upstream_gets_502_connect_refused,
+        Some("connect-refused"),
+    );
+}
+
+#[test]
+fn upstream_reset_before_responding_gets_502_upstream_reset_alone() {
+    run_alone(
+        upstream_reset_before_responding_gets_502_upstream_reset,
+        Some("upstream-reset"),
+    );
+}
+
+#[test]
+fn upstream_reset_mid_body_truncates_the_response_and_closes_alone() {
+    run_alone(
+        upstream_reset_mid_body_truncates_the_response_and_closes,
+        None,
+    );
+}
+
+#[test]
+fn slow_upstream_gets_504_response_timeout_alone() {
+    run_alone(
+        slow_upstream_gets_504_response_timeout,
+        Some("response-timeout"),
+    );
+}
+
+/// Every scenario at once against one proxy: each still gets its own answer, and every reason is counted
+/// as often as it was caused.
+#[test]
+fn every_bad_input_at_once_on_one_proxy() {
+    let mut setup = Setup::new();
+    std::thread::scope(|scope| {
+        for (scenario, _) in SCENARIOS {
+            let setup = &setup;
+            scope.spawn(move || scenario(setup));
+        }
+    });
+    assert!(still_running(&mut setup.proxy), "the proxy exited");
+    setup.good_request();
+    let mut expected = std::collections::BTreeMap::new();
+    for reason in SCENARIOS.iter().filter_map(|(_, reason)| *reason) {
+        *expected.entry(reason).or_insert(0.0) += 1.0;
+    }
+    for (reason, count) in expected {
+        assert_eq!(
+            setup.errors(reason),
+            count,
+            "meshlet_proxy_errors_total for {reason}:\n{}",
+            setup.proxy.metrics()
+        );
+    }
 }
