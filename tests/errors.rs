@@ -85,6 +85,18 @@ impl Setup {
         assert_eq!(rsp.body, b"hello 0");
     }
 
+    /// An upstream's failure is not the client's: the same client connection serves the next request.
+    fn good_request_on(&self, stream: &mut TcpStream) {
+        let origin = self.origin;
+        let req = format!("GET http://{origin}/good HTTP/1.1\r\nHost: {origin}\r\n\r\n");
+        stream
+            .write_all(req.as_bytes())
+            .expect("reuse the client connection");
+        let rsp = read_response(stream).expect("a response on the reused connection");
+        assert_eq!(rsp.status, 200, "{rsp:?}");
+        assert_eq!(rsp.body, b"hello 0");
+    }
+
     /// How often the proxy has answered with `reason`.
     fn errors(&self, reason: &str) -> f64 {
         self.proxy.metric_sum(
@@ -286,6 +298,7 @@ fn refused_upstream_gets_502_connect_refused(setup: &Setup) {
     let rsp = read_response(&mut bad).expect("an answer for the refused upstream");
     assert_eq!(rsp.status, 502, "{rsp:?}");
     assert_eq!(rsp.header("x-meshlet-error"), Some("connect-refused"));
+    setup.good_request_on(&mut bad);
 }
 
 /// An origin that reads one request head, answers with `answer` bytes, then resets the connection
@@ -328,6 +341,7 @@ fn upstream_reset_before_responding_gets_502_upstream_reset(setup: &Setup) {
     let rsp = read_response(&mut bad).expect("an answer for the reset upstream");
     assert_eq!(rsp.status, 502, "{rsp:?}");
     assert_eq!(rsp.header("x-meshlet-error"), Some("upstream-reset"));
+    setup.good_request_on(&mut bad);
 }
 
 fn upstream_reset_mid_body_truncates_the_response_and_closes(setup: &Setup) {
@@ -363,6 +377,7 @@ fn slow_upstream_gets_504_response_timeout(setup: &Setup) {
     assert_eq!(rsp.status, 504, "{rsp:?}");
     assert_eq!(rsp.header("x-meshlet-error"), Some("response-timeout"));
     assert!(setup.origin_saw("/slow"));
+    setup.good_request_on(&mut bad);
 }
 
 /// Every bad-input scenario and the reason it is counted under (`None`: no answer of the proxy's own).

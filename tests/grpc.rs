@@ -1,5 +1,5 @@
 //! gRPC and HTTP/2 through the explicit proxy: a real grpcio server and client (unary, server streaming,
-//! a failing call with details and custom trailers), and 200 concurrent h2c streams on one connection.
+//! 12.5 MiB of streamed messages, bidirectional streaming, a failing call with details and custom trailers), and 200 concurrent h2c streams on one connection.
 
 mod common;
 
@@ -26,7 +26,7 @@ fn grpc_calls(connect_addr: SocketAddr, server: SocketAddr) -> Value {
 }
 
 #[test]
-fn grpc_unary_streaming_and_errors_keep_trailers_and_status() {
+fn grpc_unary_streaming_bidi_and_errors_keep_trailers_and_status() {
     if !python_has(&["grpc"]) {
         skip_or_fail("python3 module grpc (pip install grpcio) is not installed");
         return;
@@ -55,6 +55,24 @@ fn grpc_unary_streaming_and_errors_keep_trailers_and_status() {
     assert_eq!(items, expected, "every streamed message, in order");
     assert_eq!(stream["trailers"]["x-stream-count"], "50", "{seen}");
 
+    let bulk = &seen["bulk"];
+    assert_eq!(bulk["code"], "OK", "{seen}");
+    assert_eq!(bulk["count"], 200, "{seen}");
+    assert_eq!(bulk["bytes"], 200 * 65536, "{seen}");
+    assert_eq!(bulk["in_order"], true, "{seen}");
+
+    let chat = &seen["chat"];
+    assert_eq!(chat["code"], "OK", "{seen}");
+    let replies: Vec<&str> = chat["replies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("re:m{i}")).collect();
+    assert_eq!(replies, expected, "bidirectional stream, in order");
+    assert_eq!(chat["trailers"]["x-chat-count"], "20", "{seen}");
+
     let fail = &seen["fail"];
     assert_eq!(fail["code"], "FAILED_PRECONDITION", "{seen}");
     assert_eq!(fail["details"], "cannot serve order-7", "{seen}");
@@ -81,8 +99,8 @@ fn grpc_unary_streaming_and_errors_keep_trailers_and_status() {
     let destination = format!("destination=\"{}\"", server.addr());
     assert_eq!(
         sum_metric(&metrics, "meshlet_requests_total", &[&destination, "method=\"POST\"", "status_code=\"200\""]),
-        3.0,
-        "unary, streaming and failing calls are all HTTP 200 (gRPC status lives in trailers):\n{metrics}"
+        5.0,
+        "unary, streaming, bulk, chat and failing calls are all HTTP 200 (gRPC status lives in trailers):\n{metrics}"
     );
 }
 
