@@ -270,20 +270,49 @@ fn invalid_chunked_body_gets_400_and_the_connection_closes(setup: &Setup) {
     expect_refusal(&mut bad, 400, "malformed-body");
 }
 
+/// A CL.TE smuggling attempt: a parser that trusts `Content-Length` sees one POST, one that trusts
+/// `Transfer-Encoding` sees an empty POST and then a second request, `GET /smuggled`.
+fn smuggling_request(origin: SocketAddr) -> String {
+    let tail = format!("0\r\n\r\nGET http://{origin}/smuggled HTTP/1.1\r\nHost: {origin}\r\n\r\n");
+    format!(
+        "POST http://{origin}/smuggle HTTP/1.1\r\nHost: {origin}\r\nContent-Length: {}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{tail}",
+        tail.len()
+    )
+}
+
 fn content_length_with_transfer_encoding_gets_400_and_never_reaches_the_origin(setup: &Setup) {
     let mut bad = setup.connect();
-    let origin = setup.origin;
-    let smuggle = format!(
-        "POST http://{origin}/smuggle HTTP/1.1\r\nHost: {origin}\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n\
-         0\r\n\r\nGET http://{origin}/smuggled HTTP/1.1\r\n\r\n"
-    );
-    bad.write_all(&smuggle.as_bytes()[..smuggle.len() - 10])
-        .unwrap();
+    let smuggle = smuggling_request(setup.origin);
+    let (first, rest) = smuggle.as_bytes().split_at(smuggle.len() - 10);
+    bad.write_all(first).unwrap();
     setup.good_request();
-    bad.write_all(&smuggle.as_bytes()[smuggle.len() - 10..])
-        .unwrap();
+    bad.write_all(rest).unwrap();
     expect_refusal(&mut bad, 400, "content-length-and-transfer-encoding");
     assert!(!setup.origin_saw("/smuggle") && !setup.origin_saw("/smuggled"));
+}
+
+/// The same attempt as the second request of a kept-alive connection, which hyper's parser checks: whatever
+/// the answer, the smuggled request never reaches the origin and the connection ends after one response.
+fn content_length_with_transfer_encoding_later_on_a_connection_is_not_smuggled(setup: &Setup) {
+    let mut bad = setup.connect();
+    setup.good_request_on(&mut bad);
+    bad.write_all(smuggling_request(setup.origin).as_bytes())
+        .unwrap();
+    let received = read_until_closed(&mut bad, Vec::new());
+    let rsp = parse_response(&received);
+    assert!(matches!(rsp.status, 200 | 400), "{rsp:?}");
+    let answers = received.windows(9).filter(|w| w == b"HTTP/1.1 ").count();
+    assert_eq!(
+        answers,
+        1,
+        "one answer, then close: {:?}",
+        String::from_utf8_lossy(&received)
+    );
+    assert!(
+        !setup.origin_saw("/smuggled"),
+        "the smuggled request reached the origin"
+    );
 }
 
 fn refused_upstream_gets_502_connect_refused(setup: &Setup) {
@@ -405,6 +434,10 @@ const SCENARIOS: &[(fn(&Setup), Option<&str>)] = &[
         Some("content-length-and-transfer-encoding"),
     ),
     (
+        content_length_with_transfer_encoding_later_on_a_connection_is_not_smuggled,
+        None,
+    ),
+    (
         refused_upstream_gets_502_connect_refused,
         Some("connect-refused"),
     ),
@@ -485,6 +518,14 @@ fn content_length_with_transfer_encoding_gets_400_and_never_reaches_the_origin_a
     run_alone(
         content_length_with_transfer_encoding_gets_400_and_never_reaches_the_origin,
         Some("content-length-and-transfer-encoding"),
+    );
+}
+
+#[test]
+fn content_length_with_transfer_encoding_later_on_a_connection_is_not_smuggled_alone() {
+    run_alone(
+        content_length_with_transfer_encoding_later_on_a_connection_is_not_smuggled,
+        None,
     );
 }
 
