@@ -87,11 +87,7 @@ impl Setup {
 
     /// An upstream's failure is not the client's: the same client connection serves the next request.
     fn good_request_on(&self, stream: &mut TcpStream) {
-        let origin = self.origin;
-        let req = format!("GET http://{origin}/good HTTP/1.1\r\nHost: {origin}\r\n\r\n");
-        stream
-            .write_all(req.as_bytes())
-            .expect("reuse the client connection");
+        send_get(stream, self.origin, "/good");
         let rsp = read_response(stream).expect("a response on the reused connection");
         assert_eq!(rsp.status, 200, "{rsp:?}");
         assert_eq!(rsp.body, b"hello 0");
@@ -108,6 +104,12 @@ impl Setup {
     fn origin_saw(&self, path: &str) -> bool {
         self.seen.lock().unwrap().iter().any(|p| p == path)
     }
+}
+
+/// Sends a keep-alive absolute-form `GET http://{dst}{path}`.
+fn send_get(stream: &mut TcpStream, dst: SocketAddr, path: &str) {
+    let req = format!("GET http://{dst}{path} HTTP/1.1\r\nHost: {dst}\r\n\r\n");
+    stream.write_all(req.as_bytes()).expect("send a request");
 }
 
 /// Reads until the proxy closes the connection (a reset counts as closed); panics if it never does.
@@ -316,14 +318,10 @@ fn content_length_with_transfer_encoding_later_on_a_connection_is_not_smuggled(s
 }
 
 fn refused_upstream_gets_502_connect_refused(setup: &Setup) {
-    let closed = free_port();
+    let closed = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut bad = setup.connect();
     setup.good_request();
-    bad.write_all(
-        format!("GET http://127.0.0.1:{closed}/ HTTP/1.1\r\nHost: 127.0.0.1:{closed}\r\n\r\n")
-            .as_bytes(),
-    )
-    .unwrap();
+    send_get(&mut bad, closed, "/");
     let rsp = read_response(&mut bad).expect("an answer for the refused upstream");
     assert_eq!(rsp.status, 502, "{rsp:?}");
     assert_eq!(rsp.header("x-meshlet-error"), Some("connect-refused"));
@@ -362,10 +360,7 @@ fn resetting_origin(answer: Vec<u8>) -> SocketAddr {
 fn upstream_reset_before_responding_gets_502_upstream_reset(setup: &Setup) {
     let resetter = resetting_origin(Vec::new());
     let mut bad = setup.connect();
-    bad.write_all(
-        format!("GET http://{resetter}/ HTTP/1.1\r\nHost: {resetter}\r\n\r\n").as_bytes(),
-    )
-    .unwrap();
+    send_get(&mut bad, resetter, "/");
     setup.good_request();
     let rsp = read_response(&mut bad).expect("an answer for the reset upstream");
     assert_eq!(rsp.status, 502, "{rsp:?}");
@@ -379,10 +374,7 @@ fn upstream_reset_mid_body_truncates_the_response_and_closes(setup: &Setup) {
     answer.extend(std::iter::repeat_n(b'x', 10_000));
     let resetter = resetting_origin(answer);
     let mut bad = setup.connect();
-    bad.write_all(
-        format!("GET http://{resetter}/ HTTP/1.1\r\nHost: {resetter}\r\n\r\n").as_bytes(),
-    )
-    .unwrap();
+    send_get(&mut bad, resetter, "/");
     setup.good_request();
     let rsp = parse_response(&read_until_closed(&mut bad, Vec::new()));
     assert_eq!(rsp.status, 200, "the head was already forwarded: {rsp:?}");
@@ -397,10 +389,7 @@ fn upstream_reset_mid_body_truncates_the_response_and_closes(setup: &Setup) {
 fn slow_upstream_gets_504_response_timeout(setup: &Setup) {
     let mut bad = setup.connect();
     let origin = setup.origin;
-    bad.write_all(
-        format!("GET http://{origin}/slow HTTP/1.1\r\nHost: {origin}\r\n\r\n").as_bytes(),
-    )
-    .unwrap();
+    send_get(&mut bad, origin, "/slow");
     setup.good_request();
     let rsp = read_response(&mut bad).expect("an answer for the slow upstream");
     assert_eq!(rsp.status, 504, "{rsp:?}");

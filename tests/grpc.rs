@@ -25,13 +25,19 @@ fn grpc_calls(connect_addr: SocketAddr, server: SocketAddr) -> Value {
         .unwrap_or_else(|e| panic!("grpc_client.py printed {out:?}: {e}"))
 }
 
+/// A JSON array of strings.
+fn strings(array: &Value) -> Vec<&str> {
+    let items = array
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {array}"));
+    items.iter().map(|v| v.as_str().unwrap()).collect()
+}
+
 #[test]
 fn grpc_unary_streaming_bidi_and_errors_keep_trailers_and_status() {
-    if !python_has(&["grpc"]) {
-        skip_or_fail("python3 module grpc (pip install grpcio) is not installed");
+    let Some(server) = python_server_or_skip("grpc_server.py", "grpc", "grpcio") else {
         return;
-    }
-    let server = PythonServer::start("grpc_server.py", &[]);
+    };
     let proxy = Proxy::start(&[]);
     let seen = grpc_calls(proxy.outbound, server.addr());
 
@@ -45,12 +51,7 @@ fn grpc_unary_streaming_bidi_and_errors_keep_trailers_and_status() {
 
     let stream = &seen["stream"];
     assert_eq!(stream["code"], "OK", "{seen}");
-    let items: Vec<&str> = stream["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let items: Vec<&str> = strings(&stream["items"]);
     let expected: Vec<String> = (0..50).map(|i| format!("item {i}")).collect();
     assert_eq!(items, expected, "every streamed message, in order");
     assert_eq!(stream["trailers"]["x-stream-count"], "50", "{seen}");
@@ -63,12 +64,7 @@ fn grpc_unary_streaming_bidi_and_errors_keep_trailers_and_status() {
 
     let chat = &seen["chat"];
     assert_eq!(chat["code"], "OK", "{seen}");
-    let replies: Vec<&str> = chat["replies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let replies: Vec<&str> = strings(&chat["replies"]);
     let expected: Vec<String> = (0..20).map(|i| format!("re:m{i}")).collect();
     assert_eq!(replies, expected, "bidirectional stream, in order");
     assert_eq!(chat["trailers"]["x-chat-count"], "20", "{seen}");

@@ -58,11 +58,10 @@ fn read_server_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
 
 #[test]
 fn websocket_echo_through_an_absolute_form_upgrade() {
-    if !python_has(&["websockets"]) {
-        skip_or_fail("python3 module websockets (pip install websockets) is not installed");
+    let Some(server) = python_server_or_skip("ws_echo_server.py", "websockets", "websockets")
+    else {
         return;
-    }
-    let server = PythonServer::start("ws_echo_server.py", &[]);
+    };
     let proxy = Proxy::start(&[]);
     let dst = server.addr();
 
@@ -121,11 +120,13 @@ fn websocket_echo_through_an_absolute_form_upgrade() {
 
 #[test]
 fn websocket_client_through_connect() {
-    if !python_has(&["websockets.asyncio.client"]) {
-        skip_or_fail("python3 module websockets >= 13 (pip install websockets) is not installed");
+    let Some(server) = python_server_or_skip(
+        "ws_echo_server.py",
+        "websockets.asyncio.client",
+        "websockets",
+    ) else {
         return;
-    }
-    let server = PythonServer::start("ws_echo_server.py", &[]);
+    };
     let proxy = Proxy::start(&[]);
     let out = run_python(
         "ws_client.py",

@@ -375,6 +375,18 @@ impl Drop for PythonServer {
     }
 }
 
+/// Starts a Python fixture server, or skips (fails under `CI=true`) when `module` from the pip package
+/// `package` is not installed.
+pub fn python_server_or_skip(script: &str, module: &str, package: &str) -> Option<PythonServer> {
+    if !python_has(&[module]) {
+        skip_or_fail(&format!(
+            "python3 module {module} (pip install {package}, see tests/requirements.txt) is not installed"
+        ));
+        return None;
+    }
+    Some(PythonServer::start(script, &[]))
+}
+
 /// Runs a Python fixture client to completion within `limit`; returns its stdout, or panics with its output.
 pub fn run_python(script: &str, args: &[&str], limit: Duration) -> String {
     let mut child = Command::new("python3")
