@@ -398,8 +398,11 @@ fn slow_upstream_gets_504_response_timeout(setup: &Setup) {
     setup.good_request_on(&mut bad);
 }
 
+/// One bad client (or upstream) and its checks, beside a concurrent good request.
+type Scenario = fn(&Setup);
+
 /// Every bad-input scenario and the reason it is counted under (`None`: no answer of the proxy's own).
-const SCENARIOS: &[(fn(&Setup), Option<&str>)] = &[
+const SCENARIOS: &[(Scenario, Option<&str>)] = &[
     (
         garbage_bytes_get_400_malformed_request,
         Some("malformed-request"),
@@ -445,7 +448,7 @@ const SCENARIOS: &[(fn(&Setup), Option<&str>)] = &[
 ];
 
 /// One scenario on a proxy of its own: its reason is counted exactly once, and the proxy still serves.
-fn run_alone(scenario: fn(&Setup), reason: Option<&str>) {
+fn run_alone(scenario: Scenario, reason: Option<&str>) {
     let mut setup = Setup::new();
     scenario(&setup);
     assert!(still_running(&mut setup.proxy), "the proxy exited");
