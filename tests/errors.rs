@@ -217,7 +217,7 @@ fn oversized_headers_get_431(setup: &Setup) {
     bad.write_all(format!("GET http://{origin}/big HTTP/1.1\r\nHost: {origin}\r\n").as_bytes())
         .unwrap();
     setup.good_request();
-    let big = format!("X-Big: {}\r\n\r\n", "a".repeat(8000));
+    let big = format!("X-Big: {}\r\n\r\n", "a".repeat(20_000));
     // The proxy may refuse (and stop reading) before every byte is written.
     let _ = bad.write_all(big.as_bytes());
     expect_refusal(&mut bad, 431, "headers-too-large");
