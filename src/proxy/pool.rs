@@ -295,3 +295,80 @@ fn classify(dst: SocketAddr, e: hyper::Error) -> ProxyError {
         ProxyError::UpstreamReset(dst, e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::{BodyExt, Empty, Full};
+
+    use super::*;
+
+    fn pool() -> Arc<Pool> {
+        Pool::new(PoolSettings {
+            connect_timeout: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(30),
+            max_idle_per_destination: 4,
+        })
+    }
+
+    fn get(dst: SocketAddr) -> Request<Body> {
+        Request::get(format!("http://{dst}/"))
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap()
+    }
+
+    /// An h2c server that counts the connections it accepts.
+    async fn h2_server(connections: Arc<AtomicUsize>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                        bytes::Bytes::from_static(b"ok"),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_h2_requests_shares_one_new_connection() {
+        let connections = Arc::new(AtomicUsize::new(0));
+        let dst = h2_server(connections.clone()).await;
+        let pool = pool();
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let pool = pool.clone();
+            burst.spawn(async move { pool.send(dst, Version::Http2, get(dst)).await });
+        }
+        for rsp in burst.join_all().await {
+            assert_eq!(rsp.expect("response").status(), 200);
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_burst_to_a_dead_destination_fails_every_request() {
+        let dst = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let pool = pool();
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let pool = pool.clone();
+            burst.spawn(async move { pool.send(dst, Version::Http2, get(dst)).await });
+        }
+        for result in burst.join_all().await {
+            assert!(matches!(result, Err(ProxyError::ConnectRefused(a)) if a == dst));
+        }
+    }
+}
