@@ -317,6 +317,30 @@ fn content_length_with_transfer_encoding_later_on_a_connection_is_not_smuggled(s
     );
 }
 
+/// HTTP/2 that breaks the protocol right after the preface (a DATA frame on stream 0 instead of SETTINGS)
+/// gets a GOAWAY and a closed connection.
+fn h2_protocol_error_gets_goaway(setup: &Setup) {
+    let mut bad = setup.connect();
+    bad.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    setup.good_request();
+    // Frame header: length 5, type DATA (0), no flags, stream 0; then the payload.
+    bad.write_all(b"\x00\x00\x05\x00\x00\x00\x00\x00\x00hello")
+        .unwrap();
+    let received = read_until_closed(&mut bad, Vec::new());
+    let mut frame_types = Vec::new();
+    let mut rest = &received[..];
+    while rest.len() >= 9 {
+        let length = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        frame_types.push(rest[3]);
+        rest = &rest[(9 + length).min(rest.len())..];
+    }
+    const GOAWAY: u8 = 0x7;
+    assert!(
+        frame_types.contains(&GOAWAY),
+        "frames received: {frame_types:?}"
+    );
+}
+
 fn refused_upstream_gets_502_connect_refused(setup: &Setup) {
     let closed = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut bad = setup.connect();
@@ -429,6 +453,7 @@ const SCENARIOS: &[(Scenario, Option<&str>)] = &[
         content_length_with_transfer_encoding_later_on_a_connection_is_not_smuggled,
         None,
     ),
+    (h2_protocol_error_gets_goaway, None),
     (
         refused_upstream_gets_502_connect_refused,
         Some("connect-refused"),
@@ -519,6 +544,11 @@ fn content_length_with_transfer_encoding_later_on_a_connection_is_not_smuggled_a
         content_length_with_transfer_encoding_later_on_a_connection_is_not_smuggled,
         None,
     );
+}
+
+#[test]
+fn h2_protocol_error_gets_goaway_alone() {
+    run_alone(h2_protocol_error_gets_goaway, None);
 }
 
 #[test]
