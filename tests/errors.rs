@@ -1,6 +1,9 @@
 //! Bad input to the explicit-proxy listener: each gets the documented answer (`x-meshlet-error: <reason>`),
 //! is counted in `meshlet_proxy_errors_total`, never hangs the client, and never stops the proxy from serving
 //! a good request sent on another connection while the bad one is in progress.
+//!
+//! Each scenario runs twice: alone on a proxy of its own (its reason counted exactly once), and together with
+//! every other scenario at once on one proxy (each reason counted as often as it was caused).
 
 mod common;
 
