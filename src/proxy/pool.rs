@@ -304,18 +304,25 @@ mod tests {
 
     use super::*;
 
-    fn pool() -> Arc<Pool> {
-        Pool::new(PoolSettings {
+    /// `count` HTTP/2 GETs to `dst` sent at once through a new pool.
+    async fn h2_burst(
+        dst: SocketAddr,
+        count: usize,
+    ) -> Vec<Result<Response<Incoming>, ProxyError>> {
+        let pool = Pool::new(PoolSettings {
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(30),
             max_idle_per_destination: 4,
-        })
-    }
-
-    fn get(dst: SocketAddr) -> Request<Body> {
-        Request::get(format!("http://{dst}/"))
-            .body(Empty::new().map_err(|never| match never {}).boxed())
-            .unwrap()
+        });
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let pool = pool.clone();
+            let req = Request::get(format!("http://{dst}/"))
+                .body(Empty::new().map_err(|never| match never {}).boxed())
+                .unwrap();
+            burst.spawn(async move { pool.send(dst, Version::Http2, req).await });
+        }
+        burst.join_all().await
     }
 
     /// An h2c server that counts the connections it accepts.
@@ -343,13 +350,7 @@ mod tests {
     async fn a_burst_of_h2_requests_shares_one_new_connection() {
         let connections = Arc::new(AtomicUsize::new(0));
         let dst = h2_server(connections.clone()).await;
-        let pool = pool();
-        let mut burst = tokio::task::JoinSet::new();
-        for _ in 0..50 {
-            let pool = pool.clone();
-            burst.spawn(async move { pool.send(dst, Version::Http2, get(dst)).await });
-        }
-        for rsp in burst.join_all().await {
+        for rsp in h2_burst(dst, 50).await {
             assert_eq!(rsp.expect("response").status(), 200);
         }
         assert_eq!(connections.load(Ordering::SeqCst), 1);
@@ -361,13 +362,7 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let pool = pool();
-        let mut burst = tokio::task::JoinSet::new();
-        for _ in 0..20 {
-            let pool = pool.clone();
-            burst.spawn(async move { pool.send(dst, Version::Http2, get(dst)).await });
-        }
-        for result in burst.join_all().await {
+        for result in h2_burst(dst, 20).await {
             assert!(matches!(result, Err(ProxyError::ConnectRefused(a)) if a == dst));
         }
     }
