@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "meshlet", version, about = "A lightweight service-mesh sidecar proxy")]
+#[command(
+    name = "meshlet",
+    version,
+    about = "A lightweight service-mesh sidecar proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -13,6 +17,8 @@ struct Cli {
 enum Command {
     /// Run the sidecar proxy (outbound, inbound and admin listeners).
     Proxy(meshlet::config::ProxyArgs),
+    /// Install the iptables rules that send the pod's traffic through the proxy (run once, as root).
+    Init(meshlet::init::InitArgs),
     /// Print the version.
     Version,
 }
@@ -21,6 +27,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Proxy(_args) => anyhow::bail!("proxy: not wired yet"),
+        Command::Init(args) => Ok(meshlet::init::run(&args)?),
         Command::Version => {
             println!("meshlet {}", env!("CARGO_PKG_VERSION"));
             Ok(())
