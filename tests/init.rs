@@ -108,9 +108,17 @@ fn dry_run_follows_mode_and_family_flags() {
     }
 }
 
+/// Flags, environment, and the flag and value the error message must name.
+type BadValue = (
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+    &'static str,
+    &'static str,
+);
+
 #[test]
 fn bad_values_name_the_flag_and_the_value() {
-    let cases: [(&[&str], &[(&str, &str)], &str, &str); 4] = [
+    let cases: [BadValue; 4] = [
         (
             &["--skip-outbound-cidrs=10.0.0.0/33"],
             &[],
