@@ -1,0 +1,236 @@
+//! Transparent interception end to end, as root: two "pods" (network namespaces joined by a veth pair), each
+//! with `meshlet init` and a `meshlet proxy` running as the proxy uid. An unmodified `curl` in the client pod
+//! calls a real HTTP server in the server pod; the request must pass through the client's outbound listener
+//! and the server's inbound listener, and neither proxy's own upstream connection may be redirected back
+//! into a proxy.
+
+#[path = "common/netns.rs"]
+mod netns;
+
+use std::fs;
+use std::time::Duration;
+
+use netns::{wait_for, Background, Netns, NetnsLock, SharedDir};
+
+const CLIENT_IP: &str = "10.200.0.1";
+const SERVER_IP: &str = "10.200.0.2";
+const APP_PORT: u16 = 8080;
+/// The uid `meshlet init` exempts by default.
+const PROXY_UID: &str = "2102";
+const PAGE: &str = "hello from the server pod\n";
+
+/// One pod's sidecar: the proxy process, and the namespace to reach its admin listener from.
+struct Sidecar {
+    process: Background,
+    name: &'static str,
+}
+
+/// Runs `meshlet init`, then `meshlet proxy` as the proxy uid, and waits until the proxy is ready.
+fn start_sidecar(pod: &Netns, meshlet: &str, dir: &SharedDir, name: &'static str) -> Sidecar {
+    pod.run(&[meshlet, "init"]);
+    let log = dir.path().join(format!("{name}-proxy.log"));
+    let argv = [
+        "setpriv",
+        "--reuid",
+        PROXY_UID,
+        "--regid",
+        PROXY_UID,
+        "--clear-groups",
+        meshlet,
+        "proxy",
+    ];
+    let mut process = pod.spawn(&argv, &log);
+    wait_for(
+        &format!("the {name} proxy's /ready"),
+        Duration::from_secs(30),
+        || {
+            process.assert_running(&format!("the {name} proxy"));
+            let status = curl_in(
+                pod,
+                &[
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "http://127.0.0.1:15020/ready",
+                ],
+            );
+            (status.as_deref() == Some("200")).then_some(())
+        },
+    );
+    Sidecar { process, name }
+}
+
+/// Runs curl as root inside the pod; stdout when it succeeds.
+fn curl_in(pod: &Netns, args: &[&str]) -> Option<String> {
+    let output = pod
+        .command(&[&["curl", "--max-time", "5"], args].concat())
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Sum of `meshlet_requests_total` samples for one direction, and the samples themselves.
+fn requests(metrics: &str, direction: &str) -> (f64, Vec<String>) {
+    let samples: Vec<String> = metrics
+        .lines()
+        .filter(|line| line.starts_with("meshlet_requests_total{"))
+        .filter(|line| line.contains(&format!("direction=\"{direction}\"")))
+        .map(str::to_string)
+        .collect();
+    let total = samples
+        .iter()
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    (total, samples)
+}
+
+#[test]
+fn curl_reaches_the_server_through_both_sidecars() {
+    if !netns::running_as_root("curl_reaches_the_server_through_both_sidecars") {
+        return;
+    }
+    let _lock = NetnsLock::acquire();
+
+    // A process running as the proxy uid cannot read the build directory under /root.
+    let dir = SharedDir::create("interception");
+    let meshlet = dir.install_executable(env!("CARGO_BIN_EXE_meshlet"));
+    let meshlet = meshlet.to_str().expect("utf-8 path");
+    let www = dir.path().join("www");
+    fs::create_dir(&www).expect("create www");
+    fs::write(www.join("index.html"), PAGE).expect("write index.html");
+
+    let client = Netns::create("cli");
+    let server = Netns::create("srv");
+    // The veth pair is created inside the client pod with its peer placed straight into the server pod, so it
+    // never appears in the host's namespace; deleting the namespaces deletes it.
+    let (client_if, server_if) = (
+        format!("mc{}", std::process::id()),
+        format!("ms{}", std::process::id()),
+    );
+    client.run(&[
+        "ip",
+        "link",
+        "add",
+        &client_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &server_if,
+        "netns",
+        server.name(),
+    ]);
+    for (pod, interface, ip) in [
+        (&client, &client_if, CLIENT_IP),
+        (&server, &server_if, SERVER_IP),
+    ] {
+        pod.run(&["ip", "addr", "add", &format!("{ip}/24"), "dev", interface]);
+        pod.run(&["ip", "link", "set", interface, "up"]);
+    }
+
+    // The server pod's app, up before interception starts so that its readiness check is not proxied.
+    let app_url = format!("http://{SERVER_IP}:{APP_PORT}/");
+    let www = www.to_str().expect("utf-8 path");
+    let port = APP_PORT.to_string();
+    let mut app = server.spawn(
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            &port,
+            "--bind",
+            SERVER_IP,
+            "--directory",
+            www,
+        ],
+        &dir.path().join("app.log"),
+    );
+    wait_for("the server app", Duration::from_secs(30), || {
+        app.assert_running("the server app (python3 -m http.server)");
+        curl_in(&server, &["-s", &app_url]).filter(|body| body == PAGE)
+    });
+
+    let server_sidecar = start_sidecar(&server, meshlet, &dir, "server");
+    let client_sidecar = start_sidecar(&client, meshlet, &dir, "client");
+    let logs = || {
+        [&server_sidecar, &client_sidecar]
+            .map(|sidecar| format!("--- {} proxy log\n{}", sidecar.name, sidecar.process.log()))
+            .join("\n")
+            + &format!("--- app log\n{}", app.log())
+    };
+
+    // The app in the client pod knows nothing of the proxy: a plain request to the server's address.
+    let response = client
+        .command(&["curl", "-sS", "--max-time", "10", "-D", "-", &app_url])
+        .output()
+        .expect("run curl");
+    let stdout = String::from_utf8_lossy(&response.stdout);
+    assert!(
+        response.status.success() && stdout.ends_with(PAGE),
+        "curl {app_url} from the client pod failed: {}\n{}",
+        netns::describe(&response),
+        logs()
+    );
+
+    let destination = format!("destination=\"{SERVER_IP}:{APP_PORT}\"");
+    let metrics_of =
+        |pod: &Netns| curl_in(pod, &["-sS", "http://127.0.0.1:15020/metrics"]).unwrap_or_default();
+    // Counters are recorded as the exchange ends, which may be a moment after curl has its response.
+    let (client_metrics, server_metrics) = wait_for(
+        "both sidecars to count the request",
+        Duration::from_secs(10),
+        || {
+            let (client_metrics, server_metrics) = (metrics_of(&client), metrics_of(&server));
+            let counted = requests(&client_metrics, "outbound").0 >= 1.0
+                && requests(&server_metrics, "inbound").0 >= 1.0;
+            counted.then_some((client_metrics, server_metrics))
+        },
+    );
+
+    // Exactly one request each way: a proxy whose upstream connection was redirected into itself would count
+    // its own retried connection again (or never finish).
+    let (outbound, samples) = requests(&client_metrics, "outbound");
+    assert_eq!(
+        outbound,
+        1.0,
+        "client sidecar outbound requests: {samples:#?}\n{}",
+        logs()
+    );
+    assert!(
+        samples[0].contains(&destination) && samples[0].contains("status_code=\"200\""),
+        "{samples:#?}"
+    );
+    let (inbound, samples) = requests(&server_metrics, "inbound");
+    assert_eq!(
+        inbound,
+        1.0,
+        "server sidecar inbound requests: {samples:#?}\n{}",
+        logs()
+    );
+    assert!(
+        samples[0].contains(&destination) && samples[0].contains("status_code=\"200\""),
+        "{samples:#?}"
+    );
+
+    // The server proxy's connection to the app (made as the proxy uid) must not come back through its own
+    // outbound listener, and nothing may arrive at the client pod's inbound listener.
+    let (server_outbound, samples) = requests(&server_metrics, "outbound");
+    assert_eq!(
+        server_outbound,
+        0.0,
+        "server sidecar outbound requests: {samples:#?}\n{}",
+        logs()
+    );
+    let (client_inbound, samples) = requests(&client_metrics, "inbound");
+    assert_eq!(
+        client_inbound,
+        0.0,
+        "client sidecar inbound requests: {samples:#?}\n{}",
+        logs()
+    );
+}
