@@ -6,7 +6,7 @@ mod netns;
 
 use std::process::Command;
 
-use netns::{describe, Netns, NetnsLock};
+use netns::{describe, Netns};
 
 const MESHLET: &str = env!("CARGO_BIN_EXE_meshlet");
 
@@ -165,10 +165,10 @@ fn nat_table(netns: &Netns, tool: &str) -> String {
 
 #[test]
 fn init_twice_leaves_one_rule_set_and_cleanup_removes_it() {
-    if !netns::running_as_root("init_twice_leaves_one_rule_set_and_cleanup_removes_it") {
+    let Some(_lock) = netns::lock_if_root("init_twice_leaves_one_rule_set_and_cleanup_removes_it")
+    else {
         return;
-    }
-    let _lock = NetnsLock::acquire();
+    };
     for mode in ["nft", "legacy"] {
         // A namespace per mode: the two back ends keep separate tables.
         let netns = Netns::create(&format!("init-{mode}"));
@@ -231,10 +231,10 @@ fn init_twice_leaves_one_rule_set_and_cleanup_removes_it() {
 
 #[test]
 fn a_failing_iptables_command_is_reported_with_its_stderr() {
-    if !netns::running_as_root("a_failing_iptables_command_is_reported_with_its_stderr") {
+    let Some(_lock) = netns::lock_if_root("a_failing_iptables_command_is_reported_with_its_stderr")
+    else {
         return;
-    }
-    let _lock = NetnsLock::acquire();
+    };
     let netns = Netns::create("init-fail");
     // A chain of that name that something else jumps to cannot be deleted, so the cleanup's `-X` fails.
     netns.run(&["iptables-nft", "-t", "nat", "-N", "MESHLET_OUTBOUND"]);

@@ -10,7 +10,7 @@ mod netns;
 use std::fs;
 use std::time::Duration;
 
-use netns::{wait_for, Background, Netns, NetnsLock, SharedDir};
+use netns::{wait_for, Background, Netns, SharedDir};
 
 const CLIENT_IP: &str = "10.200.0.1";
 const SERVER_IP: &str = "10.200.0.2";
@@ -91,10 +91,9 @@ fn requests(metrics: &str, direction: &str) -> (f64, Vec<String>) {
 
 #[test]
 fn curl_reaches_the_server_through_both_sidecars() {
-    if !netns::running_as_root("curl_reaches_the_server_through_both_sidecars") {
+    let Some(_lock) = netns::lock_if_root("curl_reaches_the_server_through_both_sidecars") else {
         return;
-    }
-    let _lock = NetnsLock::acquire();
+    };
 
     // A process running as the proxy uid cannot read the build directory under /root.
     let dir = SharedDir::create("interception");
@@ -192,45 +191,29 @@ fn curl_reaches_the_server_through_both_sidecars() {
         },
     );
 
-    // Exactly one request each way: a proxy whose upstream connection was redirected into itself would count
-    // its own retried connection again (or never finish).
-    let (outbound, samples) = requests(&client_metrics, "outbound");
-    assert_eq!(
-        outbound,
-        1.0,
-        "client sidecar outbound requests: {samples:#?}\n{}",
-        logs()
-    );
-    assert!(
-        samples[0].contains(&destination) && samples[0].contains("status_code=\"200\""),
-        "{samples:#?}"
-    );
-    let (inbound, samples) = requests(&server_metrics, "inbound");
-    assert_eq!(
-        inbound,
-        1.0,
-        "server sidecar inbound requests: {samples:#?}\n{}",
-        logs()
-    );
-    assert!(
-        samples[0].contains(&destination) && samples[0].contains("status_code=\"200\""),
-        "{samples:#?}"
-    );
-
-    // The server proxy's connection to the app (made as the proxy uid) must not come back through its own
-    // outbound listener, and nothing may arrive at the client pod's inbound listener.
-    let (server_outbound, samples) = requests(&server_metrics, "outbound");
-    assert_eq!(
-        server_outbound,
-        0.0,
-        "server sidecar outbound requests: {samples:#?}\n{}",
-        logs()
-    );
-    let (client_inbound, samples) = requests(&client_metrics, "inbound");
-    assert_eq!(
-        client_inbound,
-        0.0,
-        "client sidecar inbound requests: {samples:#?}\n{}",
-        logs()
-    );
+    // Exactly one request, through the client's outbound and the server's inbound listener. A proxy whose
+    // upstream connection were redirected back into a proxy would count it again (or never finish): the server
+    // proxy's connection to the app, made as the proxy uid, must not pass its own outbound listener.
+    let expected = [
+        ("client", &client_metrics, "outbound", 1.0),
+        ("server", &server_metrics, "inbound", 1.0),
+        ("server", &server_metrics, "outbound", 0.0),
+        ("client", &client_metrics, "inbound", 0.0),
+    ];
+    for (pod, metrics, direction, count) in expected {
+        let (total, samples) = requests(metrics, direction);
+        assert_eq!(
+            total,
+            count,
+            "{pod} sidecar {direction} requests: {samples:#?}\n{}",
+            logs()
+        );
+        let to_the_app = |sample: &String| {
+            sample.contains(&destination) && sample.contains("status_code=\"200\"")
+        };
+        assert!(
+            samples.iter().all(to_the_app),
+            "{pod} sidecar {direction} requests: {samples:#?}"
+        );
+    }
 }

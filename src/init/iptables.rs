@@ -4,7 +4,7 @@
 //! call, and a restore is applied as one transaction, so the pod never sees half a rule set.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use super::rules::Family;
 use super::{InitError, IptablesMode};
@@ -49,13 +49,7 @@ impl Iptables {
                 program: self.save.clone(),
                 source,
             })?;
-        if !output.status.success() {
-            return Err(InitError::Failed {
-                command: format!("{} -t nat", self.save),
-                status: output.status,
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            });
-        }
+        let output = succeeded(format!("{} -t nat", self.save), output)?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
@@ -82,17 +76,23 @@ impl Iptables {
                 program: self.restore.clone(),
                 source,
             })?;
-        if !output.status.success() {
-            return Err(InitError::Failed {
-                command: self.restore_command(),
-                status: output.status,
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            });
-        }
+        succeeded(self.restore_command(), output)?;
         written.map_err(|source| InitError::Write {
             program: self.restore.clone(),
             source,
         })?;
         Ok(())
     }
+}
+
+/// The output of a command that exited with success, or an error carrying its stderr.
+fn succeeded(command: String, output: Output) -> Result<Output, InitError> {
+    if output.status.success() {
+        return Ok(output);
+    }
+    Err(InitError::Failed {
+        command,
+        status: output.status,
+        stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+    })
 }

@@ -16,12 +16,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Whether a root-only test should run: true as root. Otherwise it prints why it is skipped, and panics
-/// when `CI=true`, because a skipped test must not pass silently in CI.
-pub fn running_as_root(test: &str) -> bool {
+/// The lock a root-only test holds while it runs, or `None` when not root: then it prints why the test is
+/// skipped, and panics when `CI=true`, because a skipped test must not pass silently in CI.
+pub fn lock_if_root(test: &str) -> Option<NetnsLock> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
-        return true;
+        return Some(NetnsLock::acquire());
     }
     let reason = format!("{test}: needs root (network namespaces and iptables)");
     assert!(
@@ -29,7 +29,7 @@ pub fn running_as_root(test: &str) -> bool {
         "{reason}, and CI=true"
     );
     eprintln!("SKIPPED {reason}");
-    false
+    None
 }
 
 /// An exclusive lock on `/tmp/meshlet-netns.lock`, held until dropped.
