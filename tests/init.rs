@@ -1,14 +1,14 @@
 //! `meshlet init`: what `--dry-run` prints, and, as root inside a network namespace of the test's own, that
 //! running it twice leaves exactly one rule set and that `--cleanup` removes everything.
 
+mod common;
 #[path = "common/netns.rs"]
 mod netns;
 
 use std::process::Command;
 
+use common::MESHLET;
 use netns::{describe, Netns};
-
-const MESHLET: &str = env!("CARGO_BIN_EXE_meshlet");
 
 /// Runs `meshlet init` with no iptables tool reachable, so a dry run that tried to run one would fail.
 fn init_without_iptables(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {

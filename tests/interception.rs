@@ -4,6 +4,7 @@
 //! and the server's inbound listener, and neither proxy's own upstream connection may be redirected back
 //! into a proxy.
 
+mod common;
 #[path = "common/netns.rs"]
 mod netns;
 
@@ -74,19 +75,23 @@ fn curl_in(pod: &Netns, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// Sum of `meshlet_requests_total` samples for one direction, and the samples themselves.
-fn requests(metrics: &str, direction: &str) -> (f64, Vec<String>) {
-    let samples: Vec<String> = metrics
+/// Sum of the `meshlet_requests_total` samples of one direction whose labels contain all of `labels`.
+fn requests(metrics: &str, direction: &str, labels: &[&str]) -> f64 {
+    let direction = format!("direction=\"{direction}\"");
+    common::sum_metric(
+        metrics,
+        "meshlet_requests_total",
+        &[&[direction.as_str()], labels].concat(),
+    )
+}
+
+/// The `meshlet_requests_total` samples, for failure messages.
+fn request_samples(metrics: &str) -> String {
+    let samples: Vec<&str> = metrics
         .lines()
-        .filter(|line| line.starts_with("meshlet_requests_total{"))
-        .filter(|line| line.contains(&format!("direction=\"{direction}\"")))
-        .map(str::to_string)
+        .filter(|line| line.starts_with("meshlet_requests_total"))
         .collect();
-    let total = samples
-        .iter()
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    (total, samples)
+    samples.join("\n")
 }
 
 #[test]
@@ -97,7 +102,7 @@ fn curl_reaches_the_server_through_both_sidecars() {
 
     // A process running as the proxy uid cannot read the build directory under /root.
     let dir = SharedDir::create("interception");
-    let meshlet = dir.install_executable(env!("CARGO_BIN_EXE_meshlet"));
+    let meshlet = dir.install_executable(common::MESHLET);
     let meshlet = meshlet.to_str().expect("utf-8 path");
     let www = dir.path().join("www");
     fs::create_dir(&www).expect("create www");
@@ -185,8 +190,8 @@ fn curl_reaches_the_server_through_both_sidecars() {
         Duration::from_secs(10),
         || {
             let (client_metrics, server_metrics) = (metrics_of(&client), metrics_of(&server));
-            let counted = requests(&client_metrics, "outbound").0 >= 1.0
-                && requests(&server_metrics, "inbound").0 >= 1.0;
+            let counted = requests(&client_metrics, "outbound", &[]) >= 1.0
+                && requests(&server_metrics, "inbound", &[]) >= 1.0;
             counted.then_some((client_metrics, server_metrics))
         },
     );
@@ -200,20 +205,29 @@ fn curl_reaches_the_server_through_both_sidecars() {
         ("server", &server_metrics, "outbound", 0.0),
         ("client", &client_metrics, "inbound", 0.0),
     ];
+    let to_the_app = [destination.as_str(), "status_code=\"200\""];
     for (pod, metrics, direction, count) in expected {
-        let (total, samples) = requests(metrics, direction);
-        assert_eq!(
-            total,
-            count,
-            "{pod} sidecar {direction} requests: {samples:#?}\n{}",
+        let seen = format!(
+            "{pod} sidecar, {direction}:\n{}\n{}",
+            request_samples(metrics),
             logs()
         );
-        let to_the_app = |sample: &String| {
-            sample.contains(&destination) && sample.contains("status_code=\"200\"")
-        };
-        assert!(
-            samples.iter().all(to_the_app),
-            "{pod} sidecar {direction} requests: {samples:#?}"
-        );
+        assert_eq!(requests(metrics, direction, &[]), count, "{seen}");
+        assert_eq!(requests(metrics, direction, &to_the_app), count, "{seen}");
     }
+
+    // The app itself saw the request come from its own pod's address (the server sidecar), never straight from
+    // the client pod; the other request in its log is the readiness check made before interception started.
+    let app_log = app.log();
+    let requests_seen: Vec<&str> = app_log
+        .lines()
+        .filter(|line| line.contains("\"GET / HTTP/1.1\""))
+        .collect();
+    assert_eq!(requests_seen.len(), 2, "app log:\n{app_log}");
+    assert!(
+        requests_seen
+            .iter()
+            .all(|line| line.starts_with(&format!("{SERVER_IP} "))),
+        "app log:\n{app_log}"
+    );
 }

@@ -3,6 +3,9 @@
 //! Every namespace, process and directory made here is removed when its guard drops, also when the test
 //! fails, so the host is left as it was. Tests that touch namespaces or iptables hold `NetnsLock` so they
 //! never run at the same time, even across test binaries.
+//!
+//! A test binary includes it next to the shared helpers it builds on:
+//! `mod common;` and `#[path = "common/netns.rs"] mod netns;`.
 
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code)]
@@ -16,19 +19,15 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The lock a root-only test holds while it runs, or `None` when not root: then it prints why the test is
-/// skipped, and panics when `CI=true`, because a skipped test must not pass silently in CI.
+/// The lock a root-only test holds while it runs, or `None` when not root: then the test is skipped with a
+/// printed reason, or fails when `CI=true` (see `common::skip_or_fail`).
 pub fn lock_if_root(test: &str) -> Option<NetnsLock> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if crate::common::is_root() {
         return Some(NetnsLock::acquire());
     }
-    let reason = format!("{test}: needs root (network namespaces and iptables)");
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{reason}, and CI=true"
-    );
-    eprintln!("SKIPPED {reason}");
+    crate::common::skip_or_fail(&format!(
+        "{test} needs root (network namespaces and iptables)"
+    ));
     None
 }
 
