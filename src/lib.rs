@@ -11,6 +11,7 @@ pub mod demo;
 pub mod detect;
 pub mod discovery;
 pub mod drain;
+pub mod init;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Run the sidecar proxy (outbound, inbound and admin listeners).
     Proxy(Box<meshlet::config::ProxyArgs>),
+    /// Install the iptables rules that send the pod's traffic through the proxy (run once, as root).
+    Init(meshlet::init::InitArgs),
     /// Run the demo shop as a local mesh on loopback.
     Demo(meshlet::demo::DemoArgs),
     /// Print the version.
@@ -27,6 +29,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Proxy(args) => meshlet::app::run(*args),
+        Command::Init(args) => Ok(meshlet::init::run(&args)?),
         Command::Demo(args) => meshlet::demo::run(args),
         Command::Version => {
             println!("meshlet {}", env!("CARGO_PKG_VERSION"));
