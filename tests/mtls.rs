@@ -166,8 +166,7 @@ impl ControlPlane {
     fn stop(mut self) -> TempDir {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let dir = std::mem::replace(&mut self._dir, TempDir(PathBuf::new()));
-        dir
+        std::mem::replace(&mut self._dir, TempDir(PathBuf::new()))
     }
 }
 

@@ -278,6 +278,36 @@ fn classify(dst: SocketAddr, e: hyper::Error) -> ProxyError {
     }
 }
 
+/// Starts HTTP/1 on an established connection (plain TCP or mTLS); `upgrades` keeps it usable after a
+/// `101 Switching Protocols`.
+pub async fn http1_handshake<I>(
+    dst: SocketAddr,
+    io: I,
+    upgrades: bool,
+) -> Result<http1::SendRequest<Body>, ProxyError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ProxyError::UpstreamReset(dst, e))?;
+    if upgrades {
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(%dst, error = %e, "upstream connection failed");
+            }
+        });
+    } else {
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%dst, error = %e, "upstream connection failed");
+            }
+        });
+    }
+    Ok(sender)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
@@ -348,34 +378,4 @@ mod tests {
             assert!(matches!(result, Err(ProxyError::ConnectRefused(a)) if a == dst));
         }
     }
-}
-
-/// Starts HTTP/1 on an established connection (plain TCP or mTLS); `upgrades` keeps it usable after a
-/// `101 Switching Protocols`.
-pub async fn http1_handshake<I>(
-    dst: SocketAddr,
-    io: I,
-    upgrades: bool,
-) -> Result<http1::SendRequest<Body>, ProxyError>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| ProxyError::UpstreamReset(dst, e))?;
-    if upgrades {
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                debug!(%dst, error = %e, "upstream connection failed");
-            }
-        });
-    } else {
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%dst, error = %e, "upstream connection failed");
-            }
-        });
-    }
-    Ok(sender)
 }
