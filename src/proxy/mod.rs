@@ -127,7 +127,10 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let metrics = &inputs.metrics;
 
-    if let (Target::Original(dst), Direction::Outbound) = (target, direction) {
+    // Opaque ports skip detection: server-first protocols must not wait for the client. Inbound keeps it
+    // when the sidecar has an identity, since a peer sidecar's mTLS must still be recognised.
+    let skip_detection = direction == Direction::Outbound || inputs.tls_server.is_none();
+    if let (Target::Original(dst), true) = (target, skip_detection) {
         if inputs.config.opaque_ports.contains(&dst.port()) {
             metrics
                 .protocols
