@@ -5,4 +5,5 @@
 //! wires them together.
 
 pub mod config;
+pub mod inject;
 pub mod tls;

@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "meshlet", version, about = "A lightweight service-mesh sidecar proxy")]
+#[command(
+    name = "meshlet",
+    version,
+    about = "A lightweight service-mesh sidecar proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -13,6 +17,15 @@ struct Cli {
 enum Command {
     /// Run the sidecar proxy (outbound, inbound and admin listeners).
     Proxy(meshlet::config::ProxyArgs),
+    /// Add the mesh's init and proxy containers to the workloads in a YAML file (`-` = stdin); prints
+    /// the result on stdout and the warnings on stderr.
+    Inject {
+        /// Manifests to inject (multi-document YAML, Lists allowed), or `-` for stdin.
+        file: std::path::PathBuf,
+        /// Injection settings (the chart's `inject.yaml`); built-in defaults when absent.
+        #[arg(long, env = "MESHLET_INJECT_CONFIG")]
+        config: Option<std::path::PathBuf>,
+    },
     /// Print the version.
     Version,
 }
@@ -21,6 +34,24 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Proxy(_args) => anyhow::bail!("proxy: not wired yet"),
+        Command::Inject { file, config } => {
+            let config = match config {
+                Some(path) => meshlet::inject::InjectConfig::from_yaml_file(&path)?,
+                None => meshlet::inject::InjectConfig::default(),
+            };
+            let input = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
+            };
+            let injected = meshlet::inject::inject_yaml(&input, &config)?;
+            for warning in &injected.warnings {
+                eprintln!("warning: {warning}");
+            }
+            print!("{}", injected.yaml);
+            Ok(())
+        }
         Command::Version => {
             println!("meshlet {}", env!("CARGO_PKG_VERSION"));
             Ok(())

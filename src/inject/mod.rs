@@ -1,0 +1,791 @@
+//! Sidecar injection: the one mutation that turns an application pod into a meshed pod.
+//!
+//! The control plane's admission webhook and the offline `meshlet inject` command both call
+//! [`inject_pod`], so a pod looks the same whichever way it was meshed. It works on `serde_json::Value`
+//! rather than typed Kubernetes objects because the proxy crate stays free of kube/k8s-openapi, and
+//! because a pass-through of unknown fields is exactly what a mutating webhook must do.
+//!
+//! A meshed pod gets:
+//! - `meshlet-init`, an init container running `meshlet init` as root with NET_ADMIN and NET_RAW only,
+//!   which installs the iptables redirect (all traffic except the proxy's own, uid 2102, goes through
+//!   the proxy);
+//! - `meshlet-proxy`, the sidecar: on Kubernetes ≥ 1.29 a native sidecar (an init container with
+//!   `restartPolicy: Always` right after `meshlet-init`, with a startup probe on `/ready`, so the
+//!   application and its other init containers start once the proxy is ready and Jobs complete); on older
+//!   clusters the first regular container, whose `postStart` hook (`meshlet wait-ready`) holds the
+//!   next containers until the proxy is ready;
+//! - the projected ServiceAccount token (audience `meshlet`) and the trust anchors it needs to obtain
+//!   its identity from the control plane;
+//! - the application's HTTP probes rewritten through the admin port (see [`probes`]).
+//!
+//! Bad annotation values never stop the injection: each is reported as a warning naming the annotation
+//! and the value (admission warnings from the webhook, stderr from `meshlet inject`), and the mesh-wide
+//! default is used instead.
+
+mod manifest;
+pub mod probes;
+pub mod values;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+pub use manifest::{inject_manifest, inject_yaml, InjectedManifests};
+use values::{expand_ports, format_port_list, parse_port_list, parse_quantity, PortRange};
+
+/// The `meshlet.io/*` annotations read at injection (the policy annotations on Services are read by
+/// the control plane; see docs/annotations.md).
+pub mod annotations {
+    /// `enabled` or `disabled`, as a namespace label, pod label or pod annotation; `disabled` on the
+    /// pod wins.
+    pub const INJECT: &str = "meshlet.io/inject";
+    /// Set by the injector; its presence makes a second injection a no-op.
+    pub const INJECTED: &str = "meshlet.io/injected";
+    /// CPU request of the proxy container (Kubernetes quantity).
+    pub const PROXY_CPU_REQUEST: &str = "meshlet.io/proxy-cpu-request";
+    /// CPU limit of the proxy container.
+    pub const PROXY_CPU_LIMIT: &str = "meshlet.io/proxy-cpu-limit";
+    /// Memory request of the proxy container.
+    pub const PROXY_MEMORY_REQUEST: &str = "meshlet.io/proxy-memory-request";
+    /// Memory limit of the proxy container.
+    pub const PROXY_MEMORY_LIMIT: &str = "meshlet.io/proxy-memory-limit";
+    /// Inbound ports that bypass the proxy (`8080,9000-9010`).
+    pub const SKIP_INBOUND_PORTS: &str = "meshlet.io/skip-inbound-ports";
+    /// Outbound destination ports that bypass the proxy.
+    pub const SKIP_OUTBOUND_PORTS: &str = "meshlet.io/skip-outbound-ports";
+    /// Ports proxied as opaque TCP without protocol detection, added to the mesh-wide list.
+    pub const OPAQUE_PORTS: &str = "meshlet.io/opaque-ports";
+    /// `true`/`false`: run the proxy as a native sidecar, overriding the mesh-wide setting.
+    pub const NATIVE_SIDECAR: &str = "meshlet.io/native-sidecar";
+    /// `true`/`false`: rewrite the application's HTTP probes through the proxy's admin port.
+    pub const REWRITE_APP_PROBES: &str = "meshlet.io/rewrite-app-probes";
+    /// Label added to injected pods, so a PodMonitor can select every meshed pod.
+    pub const MESHED_LABEL: &str = "meshlet.io/meshed";
+}
+
+/// Name of the sidecar container.
+pub const PROXY_CONTAINER: &str = "meshlet-proxy";
+/// Name of the init container that installs the traffic redirect.
+pub const INIT_CONTAINER: &str = "meshlet-init";
+/// The proxy runs as this uid; the redirect exempts its traffic so it does not loop.
+pub const PROXY_UID: u32 = 2102;
+/// Proxy listener ports (see `meshlet proxy --help`).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Inbound listener port.
+pub const INBOUND_PORT: u16 = 15006;
+/// Admin port: `/ready`, `/live`, `/metrics`, and the rewritten application probes.
+pub const ADMIN_PORT: u16 = 15020;
+/// Where the projected ServiceAccount token volume is mounted; the token is the file `token` inside.
+pub const TOKEN_DIR: &str = "/var/run/secrets/meshlet.io";
+/// Where the trust-anchor ConfigMap is mounted; the bundle is the file `ca.crt` inside.
+pub const TRUST_ANCHORS_DIR: &str = "/var/run/meshlet.io/trust-anchors";
+
+/// Mesh-wide injection settings: the `inject.yaml` key of the chart's mesh-defaults ConfigMap, or
+/// `meshlet inject --config`. Every field has a default so a partial file works.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct InjectConfig {
+    /// Image of both injected containers (it holds `meshlet init` and `meshlet proxy`).
+    pub proxy_image: String,
+    /// `imagePullPolicy` of the injected containers.
+    pub image_pull_policy: String,
+    /// `host:port` of the control plane's HTTPS API, reached by the sidecar for its certificate.
+    pub control_plane_addr: String,
+    /// DNS name in the control plane's serving certificate.
+    pub control_plane_name: String,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// ConfigMap (in every meshed namespace) whose `ca.crt` holds the trust anchors.
+    pub trust_anchors_config_map: String,
+    /// Audience of the projected ServiceAccount token the control plane checks.
+    pub token_audience: String,
+    /// Lifetime requested for the projected token (the kubelet refreshes it at 80 %).
+    pub token_expiration_seconds: u32,
+    /// Proxy as a native sidecar (needs Kubernetes ≥ 1.29); the chart sets it from the cluster version.
+    pub native_sidecar: bool,
+    /// Rewrite HTTP probes through the admin port (see [`probes`]).
+    pub rewrite_app_probes: bool,
+    /// Default proxy resources; the `meshlet.io/proxy-*` annotations override each one.
+    pub proxy_resources: ProxyResources,
+    /// Ports always proxied as opaque TCP (`25,3306`); the pod's `meshlet.io/opaque-ports` adds to it.
+    pub opaque_ports: String,
+    /// Proxy log filter (`MESHLET_LOG`).
+    pub log_level: String,
+    /// Proxy log format, `text` or `json` (`MESHLET_LOG_FORMAT`).
+    pub log_format: String,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        InjectConfig {
+            proxy_image: concat!("ghcr.io/meshlet/meshlet:", env!("CARGO_PKG_VERSION")).into(),
+            image_pull_policy: "IfNotPresent".into(),
+            control_plane_addr: "meshlet-control.meshlet.svc:8443".into(),
+            control_plane_name: "meshlet-control.meshlet.svc".into(),
+            trust_domain: "cluster.local".into(),
+            trust_anchors_config_map: "meshlet-trust-anchors".into(),
+            token_audience: "meshlet".into(),
+            token_expiration_seconds: 3600,
+            native_sidecar: true,
+            rewrite_app_probes: true,
+            proxy_resources: ProxyResources::default(),
+            opaque_ports: crate::config::DEFAULT_OPAQUE_PORTS.into(),
+            log_level: "info".into(),
+            log_format: "json".into(),
+        }
+    }
+}
+
+impl InjectConfig {
+    /// Reads the settings from a YAML file; an unknown key or a bad value is an error naming it.
+    pub fn from_yaml_file(path: &Path) -> Result<Self, InjectError> {
+        let text = std::fs::read_to_string(path).map_err(|source| InjectError::ReadConfig {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_yaml::from_str(&text).map_err(|source| InjectError::ParseConfig {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// Requests and limits of the proxy container, as Kubernetes quantities; `None` leaves one unset.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxyResources {
+    /// CPU request, e.g. `100m`.
+    pub cpu_request: Option<String>,
+    /// CPU limit.
+    pub cpu_limit: Option<String>,
+    /// Memory request, e.g. `32Mi`.
+    pub memory_request: Option<String>,
+    /// Memory limit.
+    pub memory_limit: Option<String>,
+}
+
+impl Default for ProxyResources {
+    fn default() -> Self {
+        ProxyResources {
+            cpu_request: Some("100m".into()),
+            cpu_limit: None,
+            memory_request: Some("32Mi".into()),
+            memory_limit: Some("256Mi".into()),
+        }
+    }
+}
+
+/// Why an injection could not even start.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    /// The object has no pod spec where one must be.
+    #[error("{0} is not a pod: it has no spec object")]
+    NotAPod(String),
+    /// `meshlet inject` input that is not YAML.
+    #[error("document {index} is not valid YAML: {source}")]
+    Yaml {
+        /// Zero-based position of the document in the stream.
+        index: usize,
+        /// The parser's error.
+        source: serde_yaml::Error,
+    },
+    /// The injected manifests could not be written back as YAML.
+    #[error("cannot write the injected manifests as YAML: {0}")]
+    WriteYaml(serde_yaml::Error),
+    /// The injection settings file could not be read.
+    #[error("cannot read inject config {path}: {source}")]
+    ReadConfig {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The injection settings file has a bad key or value.
+    #[error("invalid inject config {path}: {source}")]
+    ParseConfig {
+        /// The file.
+        path: String,
+        /// The parser's error, naming the field.
+        source: serde_yaml::Error,
+    },
+}
+
+/// What the injector did with one pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The init and proxy containers were added.
+    Injected,
+    /// The pod already had them: nothing changed.
+    AlreadyInjected,
+    /// `meshlet.io/inject: disabled` on the pod: nothing changed.
+    Disabled,
+    /// `hostNetwork: true`: the redirect would capture the node's traffic, so nothing changed.
+    HostNetwork,
+}
+
+/// The result of [`inject_pod`].
+#[derive(Debug, Clone)]
+pub struct Injection {
+    /// The pod (or pod template) after injection; equal to the input unless `outcome` is `Injected`.
+    pub pod: Value,
+    /// What happened.
+    pub outcome: Outcome,
+    /// One line per ignored annotation value or unrewritable probe, naming it.
+    pub warnings: Vec<String>,
+}
+
+/// Injects the mesh into a pod or a pod template (`metadata` + `spec`). Pure: the same input and
+/// settings always give the same output, and injecting the result again changes nothing.
+pub fn inject_pod(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectError> {
+    let unchanged = |outcome, warnings| Injection {
+        pod: pod.clone(),
+        outcome,
+        warnings,
+    };
+    let spec = pod
+        .get("spec")
+        .and_then(Value::as_object)
+        .ok_or_else(|| InjectError::NotAPod(describe(pod)))?;
+    let empty = Map::new();
+    let metadata = pod.get("metadata").and_then(Value::as_object);
+    let annotations = string_map(metadata, "annotations").unwrap_or(&empty);
+    let labels = string_map(metadata, "labels").unwrap_or(&empty);
+
+    let mut warnings = Vec::new();
+    let opt = [labels, annotations].map(|m| m.get(annotations::INJECT).and_then(Value::as_str));
+    if opt.contains(&Some("disabled")) {
+        return Ok(unchanged(Outcome::Disabled, warnings));
+    }
+    if already_injected(annotations, spec) {
+        return Ok(unchanged(Outcome::AlreadyInjected, warnings));
+    }
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        warnings.push(
+            "hostNetwork pods are not injected: the redirect would capture the node's traffic"
+                .into(),
+        );
+        return Ok(unchanged(Outcome::HostNetwork, warnings));
+    }
+    for value in opt.into_iter().flatten().filter(|v| *v != "enabled") {
+        warnings.push(bad_annotation(
+            annotations::INJECT,
+            value,
+            "expected enabled or disabled",
+        ));
+    }
+
+    let settings = PodSettings::read(annotations, config, &mut warnings);
+    let mut pod = pod.clone();
+    let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else {
+        return Err(InjectError::NotAPod(describe(&pod)));
+    };
+
+    let mut probe_targets = BTreeMap::new();
+    if settings.rewrite_app_probes {
+        if let Some(containers) = spec.get_mut("containers").and_then(Value::as_array_mut) {
+            for container in containers.iter_mut() {
+                probes::rewrite_container_probes(
+                    container,
+                    &settings.skip_inbound,
+                    &mut probe_targets,
+                    &mut warnings,
+                );
+            }
+        }
+    }
+    let first_app_container = spec
+        .get("containers")
+        .and_then(|c| c.get(0))
+        .and_then(|c| c.get("name"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+
+    let init = init_container(config, &settings);
+    let proxy = proxy_container(config, &settings, &probe_targets);
+    if settings.native_sidecar {
+        let init_containers = array_entry(spec, "initContainers");
+        init_containers.insert(0, init);
+        init_containers.insert(1, proxy);
+    } else {
+        array_entry(spec, "initContainers").insert(0, init);
+        array_entry(spec, "containers").insert(0, proxy);
+    }
+    let volumes = array_entry(spec, "volumes");
+    volumes.push(json!({
+        "name": "meshlet-token",
+        "projected": {"sources": [{"serviceAccountToken": {
+            "audience": config.token_audience,
+            "expirationSeconds": config.token_expiration_seconds,
+            "path": "token",
+        }}]},
+    }));
+    volumes.push(json!({
+        "name": "meshlet-trust-anchors",
+        "configMap": {"name": config.trust_anchors_config_map},
+    }));
+
+    let metadata = object_entry(pod_object(&mut pod), "metadata");
+    let annotations = object_entry(metadata, "annotations");
+    annotations.insert(annotations::INJECTED.into(), json!("true"));
+    if let Some(app) = first_app_container {
+        annotations
+            .entry("kubectl.kubernetes.io/default-container")
+            .or_insert_with(|| json!(app));
+    }
+    object_entry(metadata, "labels").insert(annotations::MESHED_LABEL.into(), json!("true"));
+
+    Ok(Injection {
+        pod,
+        outcome: Outcome::Injected,
+        warnings,
+    })
+}
+
+/// The per-pod settings: mesh-wide defaults overridden by valid annotations.
+struct PodSettings {
+    resources: Value,
+    skip_inbound: Vec<PortRange>,
+    skip_outbound: Vec<PortRange>,
+    opaque_ports: Vec<u16>,
+    native_sidecar: bool,
+    rewrite_app_probes: bool,
+}
+
+impl PodSettings {
+    fn read(
+        annotations: &Map<String, Value>,
+        config: &InjectConfig,
+        warnings: &mut Vec<String>,
+    ) -> Self {
+        let get = |name: &str| annotations.get(name).and_then(Value::as_str);
+        let mut ports = |name: &str| match get(name).map(|v| (v, parse_port_list(v))) {
+            None => Vec::new(),
+            Some((_, Ok(ranges))) => ranges,
+            Some((value, Err(reason))) => {
+                warnings.push(bad_annotation(name, value, &reason));
+                Vec::new()
+            }
+        };
+        let skip_inbound = ports(annotations::SKIP_INBOUND_PORTS);
+        let skip_outbound = ports(annotations::SKIP_OUTBOUND_PORTS);
+        let opaque = ports(annotations::OPAQUE_PORTS);
+
+        let mesh_opaque = parse_port_list(&config.opaque_ports).unwrap_or_default();
+        let all_opaque: Vec<PortRange> = mesh_opaque.iter().chain(&opaque).copied().collect();
+        let opaque_ports = match expand_ports(&all_opaque) {
+            Ok(ports) => ports,
+            Err(reason) => {
+                let value = get(annotations::OPAQUE_PORTS).unwrap_or_default();
+                warnings.push(bad_annotation(annotations::OPAQUE_PORTS, value, &reason));
+                expand_ports(&mesh_opaque).unwrap_or_default()
+            }
+        };
+
+        let mut flag = |name: &str, default: bool| match get(name) {
+            None => default,
+            Some("true") => true,
+            Some("false") => false,
+            Some(value) => {
+                warnings.push(bad_annotation(name, value, "expected true or false"));
+                default
+            }
+        };
+        let native_sidecar = flag(annotations::NATIVE_SIDECAR, config.native_sidecar);
+        let rewrite_app_probes = flag(annotations::REWRITE_APP_PROBES, config.rewrite_app_probes);
+
+        PodSettings {
+            resources: resources(annotations, &config.proxy_resources, warnings),
+            skip_inbound,
+            skip_outbound,
+            opaque_ports,
+            native_sidecar,
+            rewrite_app_probes,
+        }
+    }
+}
+
+/// The proxy's `resources`: each annotation that is a valid quantity overrides the default, and a
+/// request above its limit is dropped (the API server would reject the pod).
+fn resources(
+    annotations: &Map<String, Value>,
+    defaults: &ProxyResources,
+    warnings: &mut Vec<String>,
+) -> Value {
+    let mut pick = |name: &str, default: &Option<String>| -> Option<(String, f64)> {
+        if let Some(value) = annotations.get(name).and_then(Value::as_str) {
+            match parse_quantity(value) {
+                Ok(amount) => return Some((value.to_owned(), amount)),
+                Err(reason) => warnings.push(bad_annotation(name, value, &reason)),
+            }
+        }
+        let value = default.clone()?;
+        let amount = parse_quantity(&value).ok()?;
+        Some((value, amount))
+    };
+    let cpu = (
+        pick(annotations::PROXY_CPU_REQUEST, &defaults.cpu_request),
+        pick(annotations::PROXY_CPU_LIMIT, &defaults.cpu_limit),
+    );
+    let memory = (
+        pick(annotations::PROXY_MEMORY_REQUEST, &defaults.memory_request),
+        pick(annotations::PROXY_MEMORY_LIMIT, &defaults.memory_limit),
+    );
+    let mut requests = Map::new();
+    let mut limits = Map::new();
+    for (resource, (request, limit), annotation) in [
+        ("cpu", cpu, annotations::PROXY_CPU_REQUEST),
+        ("memory", memory, annotations::PROXY_MEMORY_REQUEST),
+    ] {
+        let request = match (request, &limit) {
+            (Some((value, amount)), Some((limit_value, limit_amount)))
+                if amount > *limit_amount =>
+            {
+                warnings.push(bad_annotation(
+                    annotation,
+                    &value,
+                    &format!("above the {resource} limit {limit_value}; request left unset"),
+                ));
+                None
+            }
+            (request, _) => request,
+        };
+        if let Some((value, _)) = request {
+            requests.insert(resource.into(), json!(value));
+        }
+        if let Some((value, _)) = limit {
+            limits.insert(resource.into(), json!(value));
+        }
+    }
+    let mut resources = Map::new();
+    if !requests.is_empty() {
+        resources.insert("requests".into(), Value::Object(requests));
+    }
+    if !limits.is_empty() {
+        resources.insert("limits".into(), Value::Object(limits));
+    }
+    Value::Object(resources)
+}
+
+fn init_container(config: &InjectConfig, settings: &PodSettings) -> Value {
+    let mut skip_inbound = vec![PortRange {
+        first: ADMIN_PORT,
+        last: ADMIN_PORT,
+    }];
+    skip_inbound.extend(settings.skip_inbound.iter().copied());
+    let mut args = vec![
+        "init".to_owned(),
+        "--proxy-uid".into(),
+        PROXY_UID.to_string(),
+        "--inbound-port".into(),
+        INBOUND_PORT.to_string(),
+        "--outbound-port".into(),
+        OUTBOUND_PORT.to_string(),
+        "--skip-inbound-ports".into(),
+        format_port_list(&skip_inbound),
+    ];
+    if !settings.skip_outbound.is_empty() {
+        args.push("--skip-outbound-ports".into());
+        args.push(format_port_list(&settings.skip_outbound));
+    }
+    json!({
+        "name": INIT_CONTAINER,
+        "image": config.proxy_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "args": args,
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"cpu": "100m", "memory": "64Mi"},
+        },
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": false,
+            "allowPrivilegeEscalation": false,
+            "privileged": false,
+            // iptables writes its lock file under /run.
+            "readOnlyRootFilesystem": false,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+        },
+    })
+}
+
+fn proxy_container(
+    config: &InjectConfig,
+    settings: &PodSettings,
+    probe_targets: &BTreeMap<String, probes::ProbeTarget>,
+) -> Value {
+    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    let opaque_ports = settings
+        .opaque_ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut env = vec![
+        json!({"name": "MESHLET_POD_NAME", "valueFrom": field("metadata.name")}),
+        json!({"name": "MESHLET_POD_NAMESPACE", "valueFrom": field("metadata.namespace")}),
+        json!({"name": "MESHLET_POD_SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")}),
+        json!({"name": "MESHLET_POD_IP", "valueFrom": field("status.podIP")}),
+        json!({"name": "MESHLET_CONTROL_PLANE_ADDR", "value": config.control_plane_addr}),
+        json!({"name": "MESHLET_CONTROL_PLANE_NAME", "value": config.control_plane_name}),
+        json!({"name": "MESHLET_TRUST_DOMAIN", "value": config.trust_domain}),
+        json!({"name": "MESHLET_TRUST_ANCHORS", "value": format!("{TRUST_ANCHORS_DIR}/ca.crt")}),
+        json!({"name": "MESHLET_TOKEN_FILE", "value": format!("{TOKEN_DIR}/token")}),
+        json!({"name": "MESHLET_OPAQUE_PORTS", "value": opaque_ports}),
+        json!({"name": "MESHLET_LOG", "value": config.log_level}),
+        json!({"name": "MESHLET_LOG_FORMAT", "value": config.log_format}),
+    ];
+    if !probe_targets.is_empty() {
+        let targets = serde_json::to_string(probe_targets).unwrap_or_default();
+        env.push(json!({"name": "MESHLET_APP_PROBES", "value": targets}));
+    }
+    let admin_get = |path: &str| json!({"httpGet": {"path": path, "port": ADMIN_PORT}});
+    let mut container = json!({
+        "name": PROXY_CONTAINER,
+        "image": config.proxy_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "args": ["proxy"],
+        "ports": [
+            {"name": "meshlet-inbound", "containerPort": INBOUND_PORT, "protocol": "TCP"},
+            {"name": "meshlet-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+        ],
+        "env": env,
+        "resources": settings.resources,
+        "readinessProbe": merge(admin_get("/ready"), json!({"periodSeconds": 2, "failureThreshold": 3})),
+        "livenessProbe": merge(admin_get("/live"), json!({"periodSeconds": 10, "failureThreshold": 3})),
+        "securityContext": {
+            "runAsUser": PROXY_UID,
+            "runAsGroup": PROXY_UID,
+            "runAsNonRoot": true,
+            "allowPrivilegeEscalation": false,
+            "privileged": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "meshlet-token", "mountPath": TOKEN_DIR, "readOnly": true},
+            {"name": "meshlet-trust-anchors", "mountPath": TRUST_ANCHORS_DIR, "readOnly": true},
+        ],
+    });
+    let extra = if settings.native_sidecar {
+        // The kubelet starts the next init container (and then the app) once this probe passes.
+        json!({
+            "restartPolicy": "Always",
+            "startupProbe": merge(admin_get("/ready"), json!({"periodSeconds": 1, "failureThreshold": 120})),
+        })
+    } else {
+        // The kubelet starts the next container only after this hook returns.
+        json!({"lifecycle": {"postStart": {"exec": {"command": ["meshlet", "wait-ready", "--timeout", "120s"]}}}})
+    };
+    merge(container.take(), extra)
+}
+
+/// Shallow merge of two JSON objects (`extra` wins).
+fn merge(mut base: Value, extra: Value) -> Value {
+    if let (Some(base_map), Value::Object(extra_map)) = (base.as_object_mut(), extra) {
+        base_map.extend(extra_map);
+    }
+    base
+}
+
+fn already_injected(annotations: &Map<String, Value>, spec: &Map<String, Value>) -> bool {
+    let has_proxy = |field: &str| {
+        spec.get(field)
+            .and_then(Value::as_array)
+            .is_some_and(|containers| {
+                containers
+                    .iter()
+                    .any(|c| c.get("name").and_then(Value::as_str) == Some(PROXY_CONTAINER))
+            })
+    };
+    annotations.contains_key(annotations::INJECTED)
+        || has_proxy("containers")
+        || has_proxy("initContainers")
+}
+
+fn bad_annotation(name: &str, value: &str, reason: &str) -> String {
+    format!("annotation {name}: ignoring value {value:?}: {reason}")
+}
+
+fn string_map<'a>(
+    metadata: Option<&'a Map<String, Value>>,
+    field: &str,
+) -> Option<&'a Map<String, Value>> {
+    metadata?.get(field)?.as_object()
+}
+
+/// `kind/name` (or `generateName`) for messages.
+fn describe(object: &Value) -> String {
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("object");
+    let metadata = object.get("metadata");
+    let name = metadata
+        .and_then(|m| m.get("name").or_else(|| m.get("generateName")))
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>");
+    format!("{kind}/{name}")
+}
+
+fn pod_object(pod: &mut Value) -> &mut Map<String, Value> {
+    if !pod.is_object() {
+        *pod = Value::Object(Map::new());
+    }
+    match pod {
+        Value::Object(map) => map,
+        _ => unreachable!("replaced by an object above"),
+    }
+}
+
+/// The object at `map[key]`, created (or replaced, if it is not an object) as needed.
+fn object_entry<'a>(map: &'a mut Map<String, Value>, key: &str) -> &'a mut Map<String, Value> {
+    let entry = map.entry(key).or_insert_with(|| json!({}));
+    pod_object(entry)
+}
+
+/// The array at `map[key]`, created (or replaced, if it is not an array) as needed.
+fn array_entry<'a>(map: &'a mut Map<String, Value>, key: &str) -> &'a mut Vec<Value> {
+    let entry = map.entry(key).or_insert_with(|| json!([]));
+    if !entry.is_array() {
+        *entry = json!([]);
+    }
+    match entry {
+        Value::Array(items) => items,
+        _ => unreachable!("replaced by an array above"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(annotations: Value) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "annotations": annotations},
+            "spec": {"containers": [{"name": "web", "image": "nginx"}]}
+        })
+    }
+
+    fn proxy(pod: &Value) -> &Value {
+        let spec = &pod["spec"];
+        spec["initContainers"]
+            .as_array()
+            .into_iter()
+            .chain(spec["containers"].as_array())
+            .flatten()
+            .find(|c| c["name"] == PROXY_CONTAINER)
+            .expect("proxy container")
+    }
+
+    #[test]
+    fn native_sidecar_follows_the_init_container() {
+        let out = inject_pod(&pod(json!({})), &InjectConfig::default()).unwrap();
+        assert_eq!(out.outcome, Outcome::Injected);
+        let init = out.pod["spec"]["initContainers"].as_array().unwrap();
+        assert_eq!(init[0]["name"], INIT_CONTAINER);
+        assert_eq!(init[1]["name"], PROXY_CONTAINER);
+        assert_eq!(init[1]["restartPolicy"], "Always");
+        assert_eq!(
+            init[0]["securityContext"]["capabilities"]["add"],
+            json!(["NET_ADMIN", "NET_RAW"])
+        );
+        assert_eq!(
+            out.pod["metadata"]["annotations"][annotations::INJECTED],
+            "true"
+        );
+    }
+
+    #[test]
+    fn regular_sidecar_is_first_and_holds_the_app() {
+        let out = inject_pod(
+            &pod(json!({annotations::NATIVE_SIDECAR: "false"})),
+            &InjectConfig::default(),
+        )
+        .unwrap();
+        let containers = out.pod["spec"]["containers"].as_array().unwrap();
+        assert_eq!(containers[0]["name"], PROXY_CONTAINER);
+        assert!(containers[0]["lifecycle"]["postStart"]["exec"].is_object());
+        assert_eq!(
+            out.pod["spec"]["initContainers"].as_array().unwrap().len(),
+            1
+        );
+    }
+
+    #[test]
+    fn disabled_host_network_and_injected_pods_are_left_alone() {
+        let config = InjectConfig::default();
+        let disabled = pod(json!({annotations::INJECT: "disabled"}));
+        assert_eq!(
+            inject_pod(&disabled, &config).unwrap().outcome,
+            Outcome::Disabled
+        );
+        let mut host = pod(json!({}));
+        host["spec"]["hostNetwork"] = json!(true);
+        let out = inject_pod(&host, &config).unwrap();
+        assert_eq!((out.outcome, &out.pod), (Outcome::HostNetwork, &host));
+        let once = inject_pod(&pod(json!({})), &config).unwrap().pod;
+        let twice = inject_pod(&once, &config).unwrap();
+        assert_eq!(
+            (twice.outcome, &twice.pod),
+            (Outcome::AlreadyInjected, &once)
+        );
+    }
+
+    #[test]
+    fn annotations_override_defaults_and_bad_values_warn() {
+        let out = inject_pod(
+            &pod(json!({
+                annotations::PROXY_CPU_REQUEST: "2",
+                annotations::PROXY_CPU_LIMIT: "1",
+                annotations::PROXY_MEMORY_LIMIT: "1Gi",
+                annotations::PROXY_MEMORY_REQUEST: "lots",
+                annotations::OPAQUE_PORTS: "9000-9001",
+                annotations::SKIP_OUTBOUND_PORTS: "5432,99999",
+            })),
+            &InjectConfig::default(),
+        )
+        .unwrap();
+        let proxy = proxy(&out.pod);
+        assert_eq!(
+            proxy["resources"],
+            json!({"requests": {"memory": "32Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}})
+        );
+        let opaque = proxy["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "MESHLET_OPAQUE_PORTS")
+            .unwrap();
+        assert!(opaque["value"]
+            .as_str()
+            .unwrap()
+            .ends_with(",9000,9001,9300,11211,27017"));
+        assert_eq!(out.warnings.len(), 3, "{:?}", out.warnings);
+        assert!(out
+            .warnings
+            .iter()
+            .any(|w| w.contains("meshlet.io/proxy-memory-request") && w.contains("\"lots\"")));
+        assert!(out
+            .warnings
+            .iter()
+            .any(|w| w.contains("meshlet.io/skip-outbound-ports") && w.contains("99999")));
+        assert!(out
+            .warnings
+            .iter()
+            .any(|w| w.contains("meshlet.io/proxy-cpu-request") && w.contains("above")));
+    }
+
+    #[test]
+    fn not_a_pod_is_an_error() {
+        let err = inject_pod(
+            &json!({"kind": "Pod", "metadata": {"name": "x"}}),
+            &InjectConfig::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "Pod/x is not a pod: it has no spec object");
+    }
+}
