@@ -1,0 +1,189 @@
+//! The sidecar injector's mutating admission webhook (`POST /inject` on the control plane's HTTPS API).
+//!
+//! The API server sends an AdmissionReview v1 for every pod created in a namespace (or with a pod label)
+//! that opted in; [`review`] answers with the same mutation `meshlet inject` applies offline
+//! ([`meshlet::inject::inject_pod`]), as a JSONPatch computed as the difference between the original pod
+//! and the injected one, so whatever the injector changes the patch follows. Bad annotation values
+//! become admission warnings, which `kubectl` prints to the user who created the workload.
+//!
+//! The webhook never refuses a pod: when it cannot inject it says why in a warning and allows the pod
+//! unchanged, so a meshlet problem does not block deployments (the `failurePolicy` of the
+//! MutatingWebhookConfiguration decides what happens when the webhook is unreachable).
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use meshlet::inject::{inject_pod, InjectConfig, Outcome};
+use serde_json::{json, Value};
+
+/// Most warnings returned in one response; the API server truncates long lists anyway.
+const MAX_WARNINGS: usize = 32;
+
+/// Answers an AdmissionReview v1 request body with an AdmissionReview v1 response body.
+///
+/// A body that is not an AdmissionReview gets a response allowing the (unknown) request with a warning
+/// saying why; the API server only sends well-formed reviews, so that is for stray callers.
+pub fn review(body: &[u8], config: &InjectConfig) -> Vec<u8> {
+    let response = match serde_json::from_slice::<Value>(body) {
+        Ok(request) => review_value(&request, config),
+        Err(e) => respond(
+            "",
+            vec![format!("meshlet: request body is not JSON: {e}")],
+            None,
+        ),
+    };
+    serde_json::to_vec(&response).unwrap_or_default()
+}
+
+/// [`review`] on parsed JSON: AdmissionReview in, AdmissionReview out.
+pub fn review_value(review: &Value, config: &InjectConfig) -> Value {
+    let request = &review["request"];
+    let uid = request["uid"].as_str().unwrap_or_default();
+    if review["apiVersion"] != "admission.k8s.io/v1" || review["kind"] != "AdmissionReview" {
+        return respond(
+            uid,
+            vec!["meshlet: expected an admission.k8s.io/v1 AdmissionReview".into()],
+            None,
+        );
+    }
+    let is_pod = request["kind"]["kind"] == "Pod"
+        && request["kind"]["group"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty();
+    let operation = request["operation"].as_str().unwrap_or_default();
+    if !is_pod || operation != "CREATE" || request.get("subResource").is_some_and(|s| !s.is_null())
+    {
+        return respond(uid, Vec::new(), None);
+    }
+    let pod = &request["object"];
+    match inject_pod(pod, config) {
+        Ok(injection) => {
+            let mut warnings: Vec<String> = injection
+                .warnings
+                .into_iter()
+                .map(|w| format!("meshlet: {w}"))
+                .collect();
+            warnings.truncate(MAX_WARNINGS);
+            let patch = match injection.outcome {
+                Outcome::Injected => Some(json_patch::diff(pod, &injection.pod)),
+                Outcome::AlreadyInjected | Outcome::Disabled | Outcome::HostNetwork => None,
+            };
+            respond(uid, warnings, patch.filter(|p| !p.0.is_empty()))
+        }
+        Err(e) => respond(uid, vec![format!("meshlet: not injected: {e}")], None),
+    }
+}
+
+fn respond(uid: &str, warnings: Vec<String>, patch: Option<json_patch::Patch>) -> Value {
+    let mut response = json!({"uid": uid, "allowed": true});
+    if let Some(patch) = patch {
+        let encoded = BASE64.encode(serde_json::to_vec(&patch).unwrap_or_default());
+        response["patchType"] = json!("JSONPatch");
+        response["patch"] = json!(encoded);
+    }
+    if !warnings.is_empty() {
+        response["warnings"] = json!(warnings);
+    }
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission_review(pod: Value, operation: &str) -> Value {
+        json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "shop",
+                "operation": operation,
+                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+                "object": pod,
+                "dryRun": false
+            }
+        })
+    }
+
+    fn pod(annotations: Value) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "web-5d9c-", "namespace": "shop", "annotations": annotations},
+            "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}
+        })
+    }
+
+    fn decoded_patch(response: &Value) -> json_patch::Patch {
+        let encoded = response["response"]["patch"].as_str().expect("a patch");
+        serde_json::from_slice(&BASE64.decode(encoded).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_patch_turns_the_pod_into_the_injected_pod() {
+        let config = InjectConfig::default();
+        let original = pod(json!({"meshlet.io/proxy-cpu-limit": "a lot"}));
+        let body = serde_json::to_vec(&admission_review(original.clone(), "CREATE")).unwrap();
+        let response: Value = serde_json::from_slice(&review(&body, &config)).unwrap();
+        assert_eq!(
+            response["response"]["uid"],
+            "705ab4f5-6393-11e8-b7cc-42010a800002"
+        );
+        assert_eq!(response["response"]["allowed"], true);
+        assert_eq!(response["response"]["patchType"], "JSONPatch");
+        let warnings = response["response"]["warnings"].as_array().unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0]
+            .as_str()
+            .unwrap()
+            .contains("meshlet.io/proxy-cpu-limit"));
+
+        let mut patched = original.clone();
+        json_patch::patch(&mut patched, &decoded_patch(&response)).unwrap();
+        assert_eq!(patched, inject_pod(&original, &config).unwrap().pod);
+
+        let again = review_value(&admission_review(patched, "CREATE"), &config);
+        assert!(
+            again["response"].get("patch").is_none(),
+            "second injection changes nothing"
+        );
+    }
+
+    #[test]
+    fn other_operations_and_kinds_pass_unchanged() {
+        let config = InjectConfig::default();
+        let update = review_value(&admission_review(pod(json!({})), "UPDATE"), &config);
+        assert!(update["response"].get("patch").is_none());
+        let mut deployment = admission_review(pod(json!({})), "CREATE");
+        deployment["request"]["kind"] =
+            json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+        assert!(review_value(&deployment, &config)["response"]
+            .get("patch")
+            .is_none());
+        let disabled = review_value(
+            &admission_review(pod(json!({"meshlet.io/inject": "disabled"})), "CREATE"),
+            &config,
+        );
+        assert_eq!(disabled["response"]["allowed"], true);
+        assert!(disabled["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn garbage_is_allowed_with_a_reason() {
+        let response: Value =
+            serde_json::from_slice(&review(b"{not json", &InjectConfig::default())).unwrap();
+        assert_eq!(response["response"]["allowed"], true);
+        assert!(response["response"]["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("not JSON"));
+        let not_a_pod = admission_review(json!({"kind": "Pod"}), "CREATE");
+        let response = review_value(&not_a_pod, &InjectConfig::default());
+        assert!(response["response"]["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("not injected"));
+    }
+}
