@@ -6,7 +6,7 @@ metrics the proxy and the control plane really export today, so a dashboard neve
 return data. When the resilience work (issue 4) ships a metric, add its name to EXPORTED and run this script:
 the waiting panels appear. `python3 build.py --pending` lists the panels still waiting and for what.
 
-Run from anywhere: python3 charts/meshlet/dashboards/build.py
+Run from anywhere: python3 charts/meshlet/dashboards/build.py (tests/k8s checks the JSON files are in sync).
 """
 
 import json
@@ -301,15 +301,19 @@ def pending():
     ]
 
 
+def write(directory):
+    """Writes every dashboard as <name>.json into `directory`."""
+    for name, (uid, title, description, specs) in DASHBOARDS.items():
+        text = json.dumps(dashboard(uid, title, description, specs), indent=2, ensure_ascii=False) + "\n"
+        (pathlib.Path(directory) / f"{name}.json").write_text(text)
+
+
 def main():
     if "--pending" in sys.argv:
         for name, title, missing in pending():
             print(f"{name}: {title!r} waits for {', '.join(missing)}")
         return
-    here = pathlib.Path(__file__).resolve().parent
-    for name, (uid, title, description, specs) in DASHBOARDS.items():
-        text = json.dumps(dashboard(uid, title, description, specs), indent=2, ensure_ascii=False) + "\n"
-        (here / f"{name}.json").write_text(text)
+    write(pathlib.Path(__file__).resolve().parent)
 
 
 if __name__ == "__main__":
