@@ -186,4 +186,64 @@ mod tests {
             .unwrap()
             .contains("not injected"));
     }
+
+    /// Every AdmissionReview in tests/k8s/fixtures/admission (or `MESHLET_WEBHOOK_FIXTURES`): the patch
+    /// applies and a second review of the patched pod changes nothing. With `MESHLET_WEBHOOK_OUT` set, the
+    /// responses are written there (`<name>.response.json`, `<name>.second.json`) for tests/k8s to validate
+    /// the patched pods against the Kubernetes schemas.
+    #[test]
+    fn admission_fixtures() {
+        use std::path::PathBuf;
+
+        let fixtures = std::env::var_os("MESHLET_WEBHOOK_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/k8s/fixtures/admission")
+            });
+        let out = std::env::var_os("MESHLET_WEBHOOK_OUT").map(PathBuf::from);
+        let config = match std::env::var_os("MESHLET_INJECT_CONFIG") {
+            Some(path) => InjectConfig::from_yaml_file(path.as_ref()).unwrap(),
+            None => InjectConfig::default(),
+        };
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&fixtures)
+            .unwrap_or_else(|e| panic!("{}: {e}", fixtures.display()))
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+            .collect();
+        paths.sort();
+        assert!(
+            paths.len() >= 3,
+            "fixtures missing in {}",
+            fixtures.display()
+        );
+        for path in paths {
+            let request: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            let response = review_value(&request, &config);
+            assert_eq!(response["response"]["uid"], request["request"]["uid"]);
+            let mut pod = request["request"]["object"].clone();
+            if response["response"].get("patch").is_some() {
+                json_patch::patch(&mut pod, &decoded_patch(&response)).unwrap();
+            }
+            let mut again = request.clone();
+            again["request"]["object"] = pod;
+            let second = review_value(&again, &config);
+            assert!(
+                second["response"].get("patch").is_none(),
+                "{}: second injection patched",
+                path.display()
+            );
+            if let Some(out) = &out {
+                let stem = path.file_stem().unwrap().to_string_lossy();
+                let write = |suffix: &str, value: &Value| {
+                    std::fs::write(
+                        out.join(format!("{stem}.{suffix}.json")),
+                        serde_json::to_vec_pretty(value).unwrap(),
+                    )
+                    .unwrap()
+                };
+                write("response", &response);
+                write("second", &second);
+            }
+        }
+    }
 }
