@@ -246,3 +246,21 @@ def test_mesh_defaults_are_accepted_by_meshlet_inject(default_docs, tmp_path):
     assert env["MESHLET_CONTROL_PLANE_ADDR"] == "meshlet-control.meshlet.svc:8443"
     assert proxy["image"] == "ghcr.io/meshlet/meshlet:0.1.0"
     validate(injected)
+
+
+def test_names_follow_the_release_and_namespace():
+    docs = objects(render(name="prod", namespace="infra"))
+    for doc in docs:
+        validate(doc)
+    service = one(docs, "Service")
+    assert service["metadata"]["name"] == "prod-meshlet-control"
+    config = [c for c in docs if c["kind"] == "ConfigMap" and c["metadata"]["name"] == "prod-meshlet-config"][0]
+    inject = yaml.safe_load(config["data"]["inject.yaml"])
+    assert inject["controlPlaneAddr"] == "prod-meshlet-control.infra.svc:8443"
+    assert inject["controlPlaneName"] == "prod-meshlet-control.infra.svc"
+    serving = [s for s in by_kind(docs, "Secret") if s["metadata"]["name"] == "prod-meshlet-control-tls"][0]
+    (cert,) = pem_certs(base64.b64decode(serving["data"]["tls.crt"]).decode())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert inject["controlPlaneName"] in names
+    webhook = one(docs, "MutatingWebhookConfiguration")
+    assert webhook["webhooks"][0]["clientConfig"]["service"]["name"] == "prod-meshlet-control"
