@@ -206,8 +206,21 @@ def test_native_sidecar_follows_the_setting():
 
     assert inject_config(None)["nativeSidecar"] is True
     assert inject_config({"proxy": {"nativeSidecar": "false"}})["nativeSidecar"] is False
-    with pytest.raises(helm.HelmError, match="proxy.nativeSidecar must be auto, true or false"):
+    with pytest.raises(helm.HelmError, match="nativeSidecar"):
         render({"proxy": {"nativeSidecar": "maybe"}})
+
+
+@pytest.mark.parametrize("values, where", [
+    ({"webhook": {"failurePolicy": "Sometimes"}}, "/webhook/failurePolicy"),
+    ({"controlPlane": {"replica": 2}}, "replica"),
+    ({"identity": {"issuer": {"mode": "vault"}}}, "/identity/issuer/mode"),
+    ({"proxy": {"opaquePorts": "redis"}}, "/proxy/opaquePorts"),
+    ({"policy": {"timeouts": {"request": "soon"}}}, "/policy/timeouts/request"),
+])
+def test_values_schema_names_the_bad_value(values, where):
+    with pytest.raises(helm.HelmError) as error:
+        render(values)
+    assert where in str(error.value)
 
 
 def test_every_value_is_documented():
