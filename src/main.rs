@@ -16,7 +16,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar proxy (outbound, inbound and admin listeners).
-    Proxy(meshlet::config::ProxyArgs),
+    Proxy(Box<meshlet::config::ProxyArgs>),
+    /// Run the demo shop as a local mesh on loopback.
+    Demo(meshlet::demo::DemoArgs),
     /// Add the mesh's init and proxy containers to the workloads in a YAML file (`-` = stdin); prints
     /// the result on stdout and the warnings on stderr.
     Inject {
@@ -33,7 +35,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Proxy(_args) => anyhow::bail!("proxy: not wired yet"),
+        Command::Proxy(args) => meshlet::app::run(*args),
+        Command::Demo(args) => meshlet::demo::run(args),
         Command::Inject { file, config } => {
             let config = match config {
                 Some(path) => meshlet::inject::InjectConfig::from_yaml_file(&path)?,
