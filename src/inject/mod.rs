@@ -413,16 +413,16 @@ mod tests {
             proxy["resources"],
             json!({"requests": {"memory": "32Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}})
         );
-        let opaque = proxy["env"]
+        let env: BTreeMap<&str, &Value> = proxy["env"]
             .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["name"] == "MESHLET_OPAQUE_PORTS")
-            .unwrap();
-        assert!(opaque["value"]
-            .as_str()
-            .unwrap()
-            .ends_with(",9000,9001,9300,11211,27017"));
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some((e["name"].as_str()?, &e["value"])))
+            .collect();
+        assert_eq!(
+            env["MESHLET_OPAQUE_PORTS"],
+            "25,587,3306,4222,4444,5432,6379,9000,9001,9300,11211,27017"
+        );
         assert_eq!(out.warnings.len(), 3, "{:?}", out.warnings);
         assert!(out
             .warnings
