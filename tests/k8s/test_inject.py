@@ -65,6 +65,13 @@ def webhook(tmp_path_factory, deployment):
     return results
 
 
+def meshlet_binary():
+    meshlet = ROOT / "target" / "debug" / "meshlet"
+    if not meshlet.exists():
+        subprocess.run(["cargo", "build", "-q", "--bin", "meshlet"], cwd=ROOT, check=True)
+    return meshlet
+
+
 def patched(request, response):
     pod = copy.deepcopy(request["request"]["object"])
     if "patch" not in response["response"]:
@@ -199,9 +206,7 @@ def test_disabled_pod_is_not_patched(webhook):
 
 
 def test_meshlet_inject_matches_the_webhook(webhook, deployment, tmp_path):
-    meshlet = ROOT / "target" / "debug" / "meshlet"
-    if not meshlet.exists():
-        subprocess.run(["cargo", "build", "-q", "--bin", "meshlet"], cwd=ROOT, check=True)
+    meshlet = meshlet_binary()
     result = subprocess.run([str(meshlet), "inject", str(FIXTURES / "deployment.yaml")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
@@ -218,3 +223,54 @@ def test_meshlet_inject_matches_the_webhook(webhook, deployment, tmp_path):
 
     again = subprocess.run([str(meshlet), "inject", "-"], input=result.stdout, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout == result.stdout, "meshlet inject twice changes nothing"
+
+
+def test_the_proxy_accepts_the_environment_the_injector_writes(webhook, tmp_path):
+    """`meshlet proxy` started with the injected container's env (the downward-API values filled in, files and
+    addresses moved to this machine) parses every setting and serves /live."""
+    import socket
+    import time
+    import urllib.request
+
+    from chart import objects, render
+
+    request, response, _ = webhook["payment-annotated"]
+    proxy = containers(patched(request, response))["meshlet-proxy"]
+    anchors = [c for c in objects(render()) if c["metadata"]["name"] == "meshlet-trust-anchors"][0]
+    (tmp_path / "ca.crt").write_text(anchors["data"]["ca.crt"])
+    (tmp_path / "token").write_text("eyJhbGciOiJSUzI1NiJ9.e30.c2lnbmF0dXJl\n")
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    downward = {"metadata.name": "payment-5d9c7b6f8-x2x9z", "metadata.namespace": "shop",
+                "spec.serviceAccountName": "payment", "status.podIP": "127.0.0.1"}
+    env = {"PATH": os.environ.get("PATH", ""), "RUST_BACKTRACE": "0"}
+    for entry in proxy["env"]:
+        env[entry["name"]] = entry["value"] if "value" in entry else downward[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+    env["MESHLET_TRUST_ANCHORS"] = str(tmp_path / "ca.crt")
+    env["MESHLET_TOKEN_FILE"] = str(tmp_path / "token")
+    env["MESHLET_CONTROL_PLANE_ADDR"] = f"127.0.0.1:{free_port()}"
+    admin = free_port()
+    env.update(MESHLET_OUTBOUND_ADDR=f"127.0.0.1:{free_port()}", MESHLET_INBOUND_ADDR=f"127.0.0.1:{free_port()}",
+               MESHLET_ADMIN_ADDR=f"127.0.0.1:{admin}")
+
+    meshlet = meshlet_binary()
+    process = subprocess.Popen([str(meshlet), *proxy["args"]], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        status = None
+        while time.monotonic() < deadline and status is None:
+            assert process.poll() is None, f"meshlet proxy refused the injected env: {process.stdout.read()[:500]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/live", timeout=1) as live:
+                    status = live.status
+            except OSError:
+                time.sleep(0.1)
+        assert status == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=40)
