@@ -3,8 +3,11 @@
 //! The API server sends an AdmissionReview v1 for every pod created in a namespace (or with a pod label)
 //! that opted in; [`review`] answers with the same mutation `meshlet inject` applies offline
 //! ([`meshlet::inject::inject_pod`]), as a JSONPatch computed as the difference between the original pod
-//! and the injected one, so whatever the injector changes the patch follows. Bad annotation values
-//! become admission warnings, which `kubectl` prints to the user who created the workload.
+//! and the injected one, so whatever the injector changes the patch follows. Objects are compared key by
+//! key, and a changed list (containers, init containers, volumes) is replaced whole: the patch then reads
+//! as what happened ("replace /spec/initContainers") instead of a field-by-field morphing of the
+//! application's first init container into ours. Bad annotation values become admission warnings, which
+//! `kubectl` prints to the user who created the workload.
 //!
 //! The webhook never refuses a pod: when it cannot inject it says why in a warning and allows the pod
 //! unchanged, so a meshlet problem does not block deployments (the `failurePolicy` of the
@@ -65,16 +68,48 @@ pub fn review_value(review: &Value, config: &InjectConfig) -> Value {
                 .collect();
             warnings.truncate(MAX_WARNINGS);
             let patch = match injection.outcome {
-                Outcome::Injected => Some(json_patch::diff(pod, &injection.pod)),
+                Outcome::Injected => Some(diff(pod, &injection.pod)),
                 Outcome::AlreadyInjected | Outcome::Disabled | Outcome::HostNetwork => None,
             };
-            respond(uid, warnings, patch.filter(|p| !p.0.is_empty()))
+            respond(uid, warnings, patch.filter(|ops| !ops.is_empty()))
         }
         Err(e) => respond(uid, vec![format!("meshlet: not injected: {e}")], None),
     }
 }
 
-fn respond(uid: &str, warnings: Vec<String>, patch: Option<json_patch::Patch>) -> Value {
+/// JSONPatch operations turning `from` into `to`: objects are compared per key, anything else (lists
+/// included) that differs is replaced whole.
+fn diff(from: &Value, to: &Value) -> Vec<Value> {
+    let mut ops = Vec::new();
+    diff_into(&mut ops, String::new(), from, to);
+    ops
+}
+
+fn diff_into(ops: &mut Vec<Value>, path: String, from: &Value, to: &Value) {
+    match (from, to) {
+        (Value::Object(from), Value::Object(to)) => {
+            for key in from.keys().filter(|key| !to.contains_key(*key)) {
+                ops.push(json!({"op": "remove", "path": child(&path, key)}));
+            }
+            for (key, new) in to {
+                match from.get(key) {
+                    Some(old) if old == new => {}
+                    Some(old) => diff_into(ops, child(&path, key), old, new),
+                    None => ops.push(json!({"op": "add", "path": child(&path, key), "value": new})),
+                }
+            }
+        }
+        _ if from != to => ops.push(json!({"op": "replace", "path": path, "value": to})),
+        _ => {}
+    }
+}
+
+/// `path/key` as a JSON Pointer (RFC 6901: `~` and `/` in keys escaped, as in `meshlet.io~1injected`).
+fn child(path: &str, key: &str) -> String {
+    format!("{path}/{}", key.replace('~', "~0").replace('/', "~1"))
+}
+
+fn respond(uid: &str, warnings: Vec<String>, patch: Option<Vec<Value>>) -> Value {
     let mut response = json!({"uid": uid, "allowed": true});
     if let Some(patch) = patch {
         let encoded = BASE64.encode(serde_json::to_vec(&patch).unwrap_or_default());
@@ -148,6 +183,36 @@ mod tests {
         assert!(
             again["response"].get("patch").is_none(),
             "second injection changes nothing"
+        );
+    }
+
+    #[test]
+    fn lists_are_replaced_whole_and_keys_escaped() {
+        let config = InjectConfig::default();
+        let mut original = pod(json!({"team": "a"}));
+        original["spec"]["initContainers"] = json!([{"name": "migrate", "image": "busybox"}]);
+        let response = review_value(&admission_review(original, "CREATE"), &config);
+        let ops: Vec<Value> =
+            serde_json::from_value(serde_json::to_value(decoded_patch(&response)).unwrap())
+                .unwrap();
+        let paths: Vec<(&str, &str)> = ops
+            .iter()
+            .map(|op| (op["op"].as_str().unwrap(), op["path"].as_str().unwrap()))
+            .collect();
+        assert!(
+            paths.contains(&("replace", "/spec/initContainers")),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&("add", "/metadata/annotations/meshlet.io~1injected")),
+            "{paths:?}"
+        );
+        assert!(paths.contains(&("add", "/spec/volumes")), "{paths:?}");
+        assert!(
+            paths
+                .iter()
+                .all(|(_, path)| !path.contains("/initContainers/")),
+            "{paths:?}"
         );
     }
 
