@@ -20,7 +20,8 @@ pub struct InjectedManifests {
     pub warnings: Vec<String>,
 }
 
-/// Injects every workload in a multi-document YAML stream. Empty documents are dropped.
+/// Injects every workload in a multi-document YAML stream. Empty documents are dropped, and comments are
+/// not kept (the documents go through JSON values).
 pub fn inject_yaml(input: &str, config: &InjectConfig) -> Result<InjectedManifests, InjectError> {
     let mut documents = Vec::new();
     let mut warnings = Vec::new();
@@ -31,7 +32,7 @@ pub fn inject_yaml(input: &str, config: &InjectConfig) -> Result<InjectedManifes
             continue;
         }
         let injected = inject_manifest(&object, config, &mut warnings)?;
-        documents.push(serde_yaml::to_string(&injected).map_err(InjectError::WriteYaml)?);
+        documents.push(super::yaml::to_yaml(&injected));
     }
     Ok(InjectedManifests {
         yaml: documents.join("---\n"),

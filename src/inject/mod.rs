@@ -27,6 +27,7 @@ mod containers;
 mod manifest;
 pub mod probes;
 pub mod values;
+mod yaml;
 
 use std::collections::BTreeMap;
 
@@ -97,9 +98,6 @@ pub enum InjectError {
         /// The parser's error.
         source: serde_yaml::Error,
     },
-    /// The injected manifests could not be written back as YAML.
-    #[error("cannot write the injected manifests as YAML: {0}")]
-    WriteYaml(serde_yaml::Error),
     /// The injection settings file could not be read.
     #[error("cannot read inject config {path}: {source}")]
     ReadConfig {

@@ -44,3 +44,23 @@ def test_every_annotation_used_is_documented():
     for path in MANIFESTS:
         used |= set(re.findall(r"(meshlet\.io/[a-z0-9-]+)", path.read_text()))
     assert used <= documented, f"undocumented: {sorted(used - documented)}"
+
+
+def test_the_injected_shop_validates():
+    """What the webhook would make of the shop's pods (through `meshlet inject`) is still valid Kubernetes."""
+    import subprocess
+
+    meshlet = ROOT / "target" / "debug" / "meshlet"
+    if not meshlet.exists():
+        subprocess.run(["cargo", "build", "-q", "--bin", "meshlet"], cwd=ROOT, check=True)
+    result = subprocess.run([str(meshlet), "inject", str(DEPLOY / "shop.yaml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", "the shop's annotations are all valid"
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert len(deployments) == 8
+    for doc in docs:
+        validate(doc)
+    for deployment in deployments:
+        names = [c["name"] for c in deployment["spec"]["template"]["spec"]["initContainers"]]
+        assert names == ["meshlet-init", "meshlet-proxy"]
