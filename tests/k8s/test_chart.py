@@ -95,6 +95,10 @@ def test_control_plane_deployment(default_docs):
     assert security["capabilities"] == {"drop": ["ALL"]} and security["allowPrivilegeEscalation"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert deployment["spec"]["replicas"] == 2
+    budget = one(default_docs, "PodDisruptionBudget")
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert not by_kind(objects(render({"controlPlane": {"replicas": 1}})), "PodDisruptionBudget")
     assert container["resources"]["requests"]
     service = one(default_docs, "Service")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"api": 8443, "admin": 9990}
