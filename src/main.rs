@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Run the sidecar proxy (outbound, inbound and admin listeners).
     Proxy(Box<meshlet::config::ProxyArgs>),
+    /// Install the iptables rules that send the pod's traffic through the proxy (run once, as root).
+    Init(meshlet::init::InitArgs),
     /// Run the demo shop as a local mesh on loopback.
     Demo(meshlet::demo::DemoArgs),
     /// Add the mesh's init and proxy containers to the workloads in a YAML file (`-` = stdin); prints
@@ -36,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Proxy(args) => meshlet::app::run(*args),
+        Command::Init(args) => Ok(meshlet::init::run(&args)?),
         Command::Demo(args) => meshlet::demo::run(args),
         Command::Inject { file, config } => {
             let config = match config {

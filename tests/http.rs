@@ -126,8 +126,15 @@ async fn explicit_proxy_with_curl_absolute_form_and_connect() {
     assert!(tunnel.status.success(), "{tunnel:?}");
     assert!(String::from_utf8_lossy(&tunnel.stdout).contains(&format!("host: {origin}")));
 
-    let metrics = proxy.metrics();
     let dst = format!("destination=\"{origin}\"");
+    // The tunnel's close is recorded when the proxy sees both sides finish, a moment after curl exits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.metric_sum("meshlet_tcp_connections_closed_total", &[&dst]) < 1.0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = proxy.metrics();
     assert_eq!(
         sum_metric(
             &metrics,

@@ -57,6 +57,21 @@ pub enum ProxyError {
     /// The upstream closed or reset the connection before a response.
     #[error("upstream {0} failed before responding: {1}")]
     UpstreamReset(SocketAddr, hyper::Error),
+    /// The mTLS handshake with the destination's sidecar failed (wrong identity, untrusted CA, expired).
+    #[error("mTLS handshake with {0} failed: {1}")]
+    TlsHandshake(SocketAddr, io::Error),
+    /// The sidecar has no usable TLS configuration for the destination.
+    #[error("no mTLS configuration: {0}")]
+    TlsConfig(String),
+    /// The destination's inbound rules refuse the caller.
+    #[error("caller {0} is not allowed by the destination's inbound rules")]
+    Unauthorized(String),
+    /// A request between sidecars without a valid target port.
+    #[error(
+        "mesh request without a valid {} header",
+        super::mesh::TARGET_PORT_HEADER
+    )]
+    MissingTarget,
     /// A plaintext connection addressed to the proxy's own inbound port: forwarding it would loop.
     #[error("connection addressed to the proxy itself")]
     Loop,
@@ -69,13 +84,17 @@ impl ProxyError {
             ProxyError::MalformedRequest(_)
             | ProxyError::AmbiguousLength
             | ProxyError::MalformedBody(_)
-            | ProxyError::NotAProxyRequest(_) => StatusCode::BAD_REQUEST,
+            | ProxyError::NotAProxyRequest(_)
+            | ProxyError::MissingTarget => StatusCode::BAD_REQUEST,
+            ProxyError::Unauthorized(_) => StatusCode::FORBIDDEN,
             ProxyError::HeaderTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Resolve { .. }
             | ProxyError::ConnectRefused(_)
             | ProxyError::Connect(..)
             | ProxyError::UpstreamReset(..)
+            | ProxyError::TlsHandshake(..)
+            | ProxyError::TlsConfig(_)
             | ProxyError::Loop => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout(..) | ProxyError::ResponseTimeout(..) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -98,6 +117,10 @@ impl ProxyError {
             ProxyError::ConnectTimeout(..) => "connect-timeout",
             ProxyError::ResponseTimeout(..) => "response-timeout",
             ProxyError::UpstreamReset(..) => "upstream-reset",
+            ProxyError::TlsHandshake(..) => "tls-handshake-failed",
+            ProxyError::TlsConfig(_) => "tls-config",
+            ProxyError::Unauthorized(_) => "unauthorized",
+            ProxyError::MissingTarget => "missing-target",
             ProxyError::Loop => "loop",
         }
     }

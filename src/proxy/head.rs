@@ -25,6 +25,10 @@ pub async fn read_first_head<I: AsyncRead + Unpin>(
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(end) = find_head_end(buf) {
+            // A whole head can arrive in one read, so its size is checked here too, not only while waiting.
+            if end > max_bytes {
+                return Err(ProxyError::HeadersTooLarge(max_bytes));
+            }
             return validate(&buf[..end]);
         }
         if buf.len() > max_bytes {
@@ -133,5 +137,16 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ProxyError::HeadersTooLarge(1024)));
+
+        big.extend_from_slice(b"\r\n\r\n");
+        let mut io = &big[..];
+        let mut buf = BytesMut::new();
+        let err = read_first_head(&mut io, &mut buf, Duration::from_secs(1), 1024)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ProxyError::HeadersTooLarge(1024)),
+            "a complete head read at once is still measured: {err}"
+        );
     }
 }

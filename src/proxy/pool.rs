@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,11 +45,22 @@ struct Idle {
     since: Instant,
 }
 
+/// Lets one request at a time open the HTTP/2 connection to a destination, so a burst of streams to a new
+/// destination shares that connection instead of opening one each.
+#[derive(Default)]
+struct Http2Connecting {
+    lock: tokio::sync::Mutex<()>,
+    /// Failed connects so far: a request that waited through a failed attempt connects on its own instead of
+    /// queueing behind the next one (which could multiply the connect timeout by the number of waiters).
+    failures: AtomicU64,
+}
+
 /// Keeps upstream connections for reuse.
 pub struct Pool {
     settings: PoolSettings,
     http1: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     http2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    http2_connecting: Mutex<HashMap<SocketAddr, Arc<Http2Connecting>>>,
 }
 
 impl Pool {
@@ -58,6 +70,7 @@ impl Pool {
             settings,
             http1: Mutex::default(),
             http2: Mutex::default(),
+            http2_connecting: Mutex::default(),
         });
         let weak = Arc::downgrade(&pool);
         let period = (pool.settings.idle_timeout / 2).max(Duration::from_millis(100));
@@ -120,22 +133,48 @@ impl Pool {
         dst: SocketAddr,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let cached = self
-            .http2
-            .lock()
-            .ok()
-            .and_then(|map| map.get(&dst).filter(|s| !s.is_closed()).cloned());
-        let mut sender = match cached {
+        let mut sender = match self.cached_http2(dst) {
             Some(sender) => sender,
-            None => {
-                let sender = self.connect_http2(dst).await?;
+            None => self.connect_http2_once(dst).await?,
+        };
+        sender.send_request(req).await.map_err(|e| classify(dst, e))
+    }
+
+    fn cached_http2(&self, dst: SocketAddr) -> Option<http2::SendRequest<Body>> {
+        let map = self.http2.lock().ok()?;
+        map.get(&dst).filter(|s| !s.is_closed()).cloned()
+    }
+
+    /// Opens the shared HTTP/2 connection to `dst`, or waits for the request already opening it.
+    async fn connect_http2_once(
+        &self,
+        dst: SocketAddr,
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let connecting = match self.http2_connecting.lock() {
+            Ok(mut map) => map.entry(dst).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        let failures_before = connecting.failures.load(Ordering::Acquire);
+        let guard = connecting.lock.lock().await;
+        if let Some(sender) = self.cached_http2(dst) {
+            return Ok(sender);
+        }
+        if connecting.failures.load(Ordering::Acquire) != failures_before {
+            drop(guard);
+            return self.connect_http2(dst).await;
+        }
+        match self.connect_http2(dst).await {
+            Ok(sender) => {
                 if let Ok(mut map) = self.http2.lock() {
                     map.insert(dst, sender.clone());
                 }
-                sender
+                Ok(sender)
             }
-        };
-        sender.send_request(req).await.map_err(|e| classify(dst, e))
+            Err(e) => {
+                connecting.failures.fetch_add(1, Ordering::Release);
+                Err(e)
+            }
+        }
     }
 
     /// Opens a new HTTP/1 connection; `upgrades` keeps it usable after a `101 Switching Protocols`.
@@ -144,25 +183,7 @@ impl Pool {
         dst: SocketAddr,
         upgrades: bool,
     ) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let io = TokioIo::new(self.connect_tcp(dst).await?);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| ProxyError::UpstreamReset(dst, e))?;
-        if upgrades {
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    debug!(%dst, error = %e, "upstream connection failed");
-                }
-            });
-        } else {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(%dst, error = %e, "upstream connection failed");
-                }
-            });
-        }
-        Ok(sender)
+        http1_handshake(dst, self.connect_tcp(dst).await?, upgrades).await
     }
 
     async fn connect_http2(&self, dst: SocketAddr) -> Result<http2::SendRequest<Body>, ProxyError> {
@@ -234,6 +255,9 @@ impl Pool {
         if let Ok(mut map) = self.http2.lock() {
             map.retain(|_, sender| !sender.is_closed());
         }
+        if let Ok(mut map) = self.http2_connecting.lock() {
+            map.retain(|_, connecting| Arc::strong_count(connecting) > 1);
+        }
     }
 
     /// Idle HTTP/1 connections to `dst`, for tests and the admin view.
@@ -252,4 +276,106 @@ fn classify(dst: SocketAddr, e: hyper::Error) -> ProxyError {
     } else {
         ProxyError::UpstreamReset(dst, e)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::{BodyExt, Empty, Full};
+
+    use super::*;
+
+    /// `count` HTTP/2 GETs to `dst` sent at once through a new pool.
+    async fn h2_burst(
+        dst: SocketAddr,
+        count: usize,
+    ) -> Vec<Result<Response<Incoming>, ProxyError>> {
+        let pool = Pool::new(PoolSettings {
+            connect_timeout: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(30),
+            max_idle_per_destination: 4,
+        });
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let pool = pool.clone();
+            let req = Request::get(format!("http://{dst}/"))
+                .body(Empty::new().map_err(|never| match never {}).boxed())
+                .unwrap();
+            burst.spawn(async move { pool.send(dst, Version::Http2, req).await });
+        }
+        burst.join_all().await
+    }
+
+    /// An h2c server that counts the connections it accepts.
+    async fn h2_server(connections: Arc<AtomicUsize>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                        bytes::Bytes::from_static(b"ok"),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_h2_requests_shares_one_new_connection() {
+        let connections = Arc::new(AtomicUsize::new(0));
+        let dst = h2_server(connections.clone()).await;
+        for rsp in h2_burst(dst, 50).await {
+            assert_eq!(rsp.expect("response").status(), 200);
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_burst_to_a_dead_destination_fails_every_request() {
+        let dst = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        for result in h2_burst(dst, 20).await {
+            assert!(matches!(result, Err(ProxyError::ConnectRefused(a)) if a == dst));
+        }
+    }
+}
+
+/// Starts HTTP/1 on an established connection (plain TCP or mTLS); `upgrades` keeps it usable after a
+/// `101 Switching Protocols`.
+pub async fn http1_handshake<I>(
+    dst: SocketAddr,
+    io: I,
+    upgrades: bool,
+) -> Result<http1::SendRequest<Body>, ProxyError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ProxyError::UpstreamReset(dst, e))?;
+    if upgrades {
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(%dst, error = %e, "upstream connection failed");
+            }
+        });
+    } else {
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%dst, error = %e, "upstream connection failed");
+            }
+        });
+    }
+    Ok(sender)
 }

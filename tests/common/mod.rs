@@ -285,3 +285,155 @@ pub fn full(bytes: impl Into<bytes::Bytes>) -> meshlet::proxy::Body {
         .map_err(|never| match never {})
         .boxed()
 }
+
+/// Runs [`origin`] on a runtime of its own, so a synchronous test can use blocking sockets against it.
+/// Keep the runtime alive as long as the origin is needed.
+pub fn origin_on_runtime<F, Fut>(handler: F) -> (tokio::runtime::Runtime, SocketAddr)
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<meshlet::proxy::Body>> + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = rt.block_on(origin(handler));
+    (rt, addr)
+}
+
+/// Whether `python3` can import every module in `modules`.
+pub fn python_has(modules: &[&str]) -> bool {
+    let script = modules
+        .iter()
+        .map(|m| format!("import {m}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Command::new("python3")
+        .args(["-c", &script])
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// The path of a helper script in `tests/fixtures/`.
+pub fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A Python fixture server in a session of its own (`setsid`), stopped by its PID on drop.
+pub struct PythonServer {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl PythonServer {
+    /// Starts `python3 tests/fixtures/<script> <args>` and waits (bounded) for it to print `PORT <n>`.
+    pub fn start(script: &str, args: &[&str]) -> PythonServer {
+        use std::io::BufRead;
+        let mut child = Command::new("setsid")
+            .args(["python3", "-u", &fixture(script)])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start python fixture");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if let Some(port) = line
+                    .strip_prefix("PORT ")
+                    .and_then(|p| p.trim().parse::<u16>().ok())
+                {
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(port) => PythonServer { child, port },
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{script} did not report its port within 20s");
+            }
+        }
+    }
+
+    /// The server's loopback address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for PythonServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a Python fixture server, or skips (fails under `CI=true`) when `module` from the pip package
+/// `package` is not installed.
+pub fn python_server_or_skip(script: &str, module: &str, package: &str) -> Option<PythonServer> {
+    if !python_has(&[module]) {
+        skip_or_fail(&format!(
+            "python3 module {module} (pip install {package}, see tests/requirements.txt) is not installed"
+        ));
+        return None;
+    }
+    Some(PythonServer::start(script, &[]))
+}
+
+/// Runs a Python fixture client to completion within `limit`; returns its stdout, or panics with its output.
+pub fn run_python(script: &str, args: &[&str], limit: Duration) -> String {
+    let mut child = Command::new("python3")
+        .args(["-u", &fixture(script)])
+        .args(args)
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("all_proxy")
+        .env_remove("ALL_PROXY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start python fixture");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = pipe.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).to_string()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    match status {
+        Some(status) if status.success() => stdout,
+        Some(status) => panic!("{script} failed ({status}):\nstdout:\n{stdout}\nstderr:\n{stderr}"),
+        None => panic!(
+            "{script} did not finish within {limit:?}:\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        ),
+    }
+}
+
+/// Whether the proxy process is still running.
+pub fn still_running(proxy: &mut Proxy) -> bool {
+    matches!(proxy.child.try_wait(), Ok(None))
+}
