@@ -35,6 +35,8 @@ pub struct InjectConfig {
     pub proxy_resources: ProxyResources,
     /// Ports always proxied as opaque TCP (`25,3306`); the pod's `meshlet.io/opaque-ports` adds to it.
     pub opaque_ports: String,
+    /// iptables back end of `meshlet init`, `nft` or `legacy`: it must match the nodes'.
+    pub iptables_mode: IptablesMode,
     /// Proxy log filter (`MESHLET_LOG`).
     pub log_level: String,
     /// Proxy log format, `text` or `json` (`MESHLET_LOG_FORMAT`).
@@ -56,6 +58,7 @@ impl Default for InjectConfig {
             rewrite_app_probes: true,
             proxy_resources: ProxyResources::default(),
             opaque_ports: crate::config::DEFAULT_OPAQUE_PORTS.into(),
+            iptables_mode: IptablesMode::Nft,
             log_level: "info".into(),
             log_format: "json".into(),
         }
@@ -97,6 +100,26 @@ impl Default for ProxyResources {
             cpu_limit: None,
             memory_request: Some("32Mi".into()),
             memory_limit: Some("256Mi".into()),
+        }
+    }
+}
+
+/// The iptables back end `meshlet init` drives (its `--iptables-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IptablesMode {
+    /// `iptables-nft`: nf_tables underneath (most current distributions).
+    Nft,
+    /// `iptables-legacy`: the old x_tables interface.
+    Legacy,
+}
+
+impl IptablesMode {
+    /// The flag value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IptablesMode::Nft => "nft",
+            IptablesMode::Legacy => "legacy",
         }
     }
 }

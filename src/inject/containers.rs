@@ -141,11 +141,7 @@ fn resources(
 }
 
 pub(super) fn init_container(config: &InjectConfig, settings: &PodSettings) -> Value {
-    let mut skip_inbound = vec![PortRange {
-        first: ADMIN_PORT,
-        last: ADMIN_PORT,
-    }];
-    skip_inbound.extend(settings.skip_inbound.iter().copied());
+    // `meshlet init` never redirects the proxy's own ports (admin included), so only the pod's go here.
     let mut args = vec![
         "init".to_owned(),
         "--proxy-uid".into(),
@@ -154,12 +150,19 @@ pub(super) fn init_container(config: &InjectConfig, settings: &PodSettings) -> V
         INBOUND_PORT.to_string(),
         "--outbound-port".into(),
         OUTBOUND_PORT.to_string(),
-        "--skip-inbound-ports".into(),
-        format_port_list(&skip_inbound),
+        "--admin-port".into(),
+        ADMIN_PORT.to_string(),
+        "--iptables-mode".into(),
+        config.iptables_mode.as_str().into(),
     ];
-    if !settings.skip_outbound.is_empty() {
-        args.push("--skip-outbound-ports".into());
-        args.push(format_port_list(&settings.skip_outbound));
+    for (flag, ports) in [
+        ("--skip-inbound-ports", &settings.skip_inbound),
+        ("--skip-outbound-ports", &settings.skip_outbound),
+    ] {
+        if !ports.is_empty() {
+            args.push(flag.into());
+            args.push(format_port_list(ports));
+        }
     }
     json!({
         "name": INIT_CONTAINER,

@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-pub use config::{InjectConfig, ProxyResources};
+pub use config::{InjectConfig, IptablesMode, ProxyResources};
 use containers::{init_container, proxy_container, PodSettings};
 pub use manifest::{inject_manifest, inject_yaml, InjectedManifests};
 

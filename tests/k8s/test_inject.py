@@ -155,7 +155,7 @@ def test_annotations_are_honoured(webhook):
                                   "limits": {"cpu": "500m", "memory": "192Mi"}}
     args = names["meshlet-init"]["args"]
     flags = dict(zip(args[1::2], args[2::2]))
-    assert flags["--skip-inbound-ports"] == "15020,9100"
+    assert flags["--skip-inbound-ports"] == "9100"
     assert flags["--skip-outbound-ports"] == "5432,8125-8126"
     opaque = env_of(proxy)["MESHLET_OPAQUE_PORTS"].split(",")
     assert {"7000", "7001", "6379", "5432"} <= set(opaque)
@@ -223,6 +223,22 @@ def test_meshlet_inject_matches_the_webhook(webhook, deployment, tmp_path):
 
     again = subprocess.run([str(meshlet), "inject", "-"], input=result.stdout, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout == result.stdout, "meshlet inject twice changes nothing"
+
+
+def test_meshlet_init_accepts_the_injected_arguments(webhook):
+    """Every injected init container's arguments parse in `meshlet init` (checked with --dry-run, which
+    prints the rules and changes nothing), and the rules honour the skip annotations."""
+    meshlet = meshlet_binary()
+    for name, (request, response, _) in webhook.items():
+        if name == "disabled":
+            continue
+        init = containers(patched(request, response))["meshlet-init"]
+        result = subprocess.run([str(meshlet), *init["args"], "--dry-run"], capture_output=True, text=True)
+        assert result.returncode == 0, f"{name}: {init['args']}: {result.stderr}"
+        assert "REDIRECT --to-ports 15006" in result.stdout and "--uid-owner 2102" in result.stdout
+        if name == "payment-annotated":
+            assert "--dport 9100 -j RETURN" in result.stdout
+            assert "--dport 8125:8126 -j RETURN" in result.stdout
 
 
 def test_the_proxy_accepts_the_environment_the_injector_writes(webhook, tmp_path):
