@@ -213,7 +213,7 @@ pub(super) fn proxy_container(
     ];
     if !probe_targets.is_empty() {
         let targets = serde_json::to_string(probe_targets).unwrap_or_default();
-        env.push(json!({"name": "MESHLET_APP_PROBES", "value": targets}));
+        env.push(json!({"name": super::probes::APP_PROBES_ENV, "value": targets}));
     }
     let admin_get = |path: &str| json!({"httpGet": {"path": path, "port": ADMIN_PORT}});
     let mut container = json!({

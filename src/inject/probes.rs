@@ -9,14 +9,19 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::values::PortRange;
 use super::ADMIN_PORT;
 
+/// Environment variable of the proxy container holding the rewritten probes: a JSON object from admin
+/// path (`/app-health/<container>/<livez|readyz|startupz>`) to [`ProbeTarget`]; read it with
+/// [`app_probes`].
+pub const APP_PROBES_ENV: &str = "MESHLET_APP_PROBES";
+
 /// Where the proxy's admin server sends one rewritten probe: the application's original `httpGet`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProbeTarget {
     /// Application port (named ports are resolved at injection).
     pub port: u16,
@@ -26,8 +31,13 @@ pub struct ProbeTarget {
     /// kubelet does not).
     pub scheme: String,
     /// The probe's extra request headers, sent unchanged.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<Value>,
+}
+
+/// Parses the value of [`APP_PROBES_ENV`] (the admin server's side of the contract).
+pub fn app_probes(value: &str) -> Result<BTreeMap<String, ProbeTarget>, serde_json::Error> {
+    serde_json::from_str(value)
 }
 
 /// The probe fields of a container and the name each gets in the admin path.
@@ -166,6 +176,8 @@ mod tests {
             (live.port, live.path.as_str(), live.scheme.as_str()),
             (8080, "/healthz", "HTTP")
         );
+        let round_trip = app_probes(&serde_json::to_string(&targets).unwrap()).unwrap();
+        assert_eq!(round_trip, targets);
         let ready = &targets["/app-health/web/readyz"];
         assert_eq!(
             (
