@@ -1,1 +1,2 @@
 //! meshlet control plane.
+pub mod webhook;
