@@ -407,7 +407,10 @@ fn to_pem(certs: &[CertificateDer<'_>]) -> String {
         .iter()
         .map(|der| pem::Pem::new("CERTIFICATE", der.as_ref().to_vec()))
         .collect();
-    pem::encode_many(&blocks)
+    pem::encode_many_config(
+        &blocks,
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 /// True when both files exist, false when neither does; one without the other is an error, since
