@@ -47,9 +47,12 @@ fn main() -> anyhow::Result<()> {
     let Command::Serve(args) = Cli::parse().command;
     let filter = EnvFilter::try_new(&args.log)
         .map_err(|e| anyhow::anyhow!("invalid --log {:?}: {e}", args.log))?;
+    // A closed stderr must not turn every logged request into a panic (by default write errors are reported
+    // with `eprintln!`, which panics when stderr is gone).
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match args.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
