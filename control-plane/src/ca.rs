@@ -95,6 +95,8 @@ pub struct Authority {
     /// The issuer's certificate and anything above it, sent after each leaf.
     issuer_chain: Vec<CertificateDer<'static>>,
     issuer_chain_pem: String,
+    /// End of the issuer's validity: no certificate it signs is given a later one.
+    issuer_not_after: OffsetDateTime,
     trust_anchors: Vec<CertificateDer<'static>>,
     trust_bundle_pem: String,
 }
@@ -195,10 +197,14 @@ impl Authority {
                 key: key_path,
             });
         }
+        let issuer_not_after =
+            OffsetDateTime::from_unix_timestamp(issuer_cert.validity().not_after.timestamp())
+                .map_err(|e| CaError::BadCertificate(cert_path.clone(), e.to_string()))?;
         let issuer = Issuer::from_ca_cert_der(&issuer_chain[0], key)
             .map_err(|e| CaError::BadCertificate(cert_path.clone(), e.to_string()))?;
         Ok(Self {
             issuer,
+            issuer_not_after,
             issuer_chain_pem: to_pem(&issuer_chain),
             issuer_chain,
             trust_bundle_pem: to_pem(&trust_anchors),
@@ -230,7 +236,7 @@ impl Authority {
             what: uri.clone(),
             source,
         };
-        let mut params = end_entity_params(ttl)?;
+        let mut params = self.end_entity_params(ttl)?;
         let not_before_unix = unix_seconds(params.not_before);
         let not_after_unix = unix_seconds(params.not_after);
         params.subject_alt_names = vec![SanType::URI(uri.as_str().try_into().map_err(sign_error)?)];
@@ -256,7 +262,7 @@ impl Authority {
             source,
         };
         let key = new_key()?;
-        let mut params = end_entity_params(SERVING_LIFETIME)?;
+        let mut params = self.end_entity_params(SERVING_LIFETIME)?;
         params
             .distinguished_name
             .push(DnType::CommonName, SERVING_DNS_NAMES[0]);
@@ -282,6 +288,25 @@ impl Authority {
     }
 }
 
+impl Authority {
+    /// Parameters shared by every end-entity certificate: random serial, empty subject, not a CA, digital
+    /// signature only, authority key identifier, validity from [`BACKDATE`] ago for `lifetime` but never past
+    /// the issuer's own expiry (so the sidecar's half-life renewal is timed by the real end of the chain).
+    fn end_entity_params(&self, lifetime: Duration) -> Result<CertificateParams, CaError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, lifetime)?;
+        if params.not_after > self.issuer_not_after {
+            tracing::warn!(issuer_not_after = %self.issuer_not_after, "issuer expires before the requested lifetime; certificate shortened");
+            params.not_after = self.issuer_not_after;
+        }
+        Ok(params)
+    }
+}
+
 /// Loads a serving certificate chain and key (`tls.crt`, `tls.key`) from `dir`, as mounted from a Secret.
 pub fn load_serving_dir(dir: &Path) -> Result<ServingCert, CaError> {
     let cert_path = dir.join(ISSUER_CERT_FILE);
@@ -291,18 +316,6 @@ pub fn load_serving_dir(dir: &Path) -> Result<ServingCert, CaError> {
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| CaError::BadCertificatePem(key_path.clone(), e.to_string()))?;
     Ok(ServingCert { chain, key })
-}
-
-/// Parameters shared by every end-entity certificate: random serial, empty subject, not a CA, digital
-/// signature only, authority key identifier, validity from [`BACKDATE`] ago for `lifetime`.
-fn end_entity_params(lifetime: Duration) -> Result<CertificateParams, CaError> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params, lifetime)?;
-    Ok(params)
 }
 
 fn root_params() -> Result<CertificateParams, CaError> {
@@ -490,6 +503,32 @@ mod tests {
             issuer_pem,
             fs::read_to_string(dir.path().join(ISSUER_CERT_FILE)).unwrap()
         );
+    }
+
+    #[test]
+    fn leaves_never_outlive_their_issuer() {
+        let dir = tempfile::tempdir().unwrap();
+        Authority::load_or_create_local(dir.path()).unwrap();
+        // Replace the intermediate by one that expires in an hour, signed by the same root.
+        let root = Issuer::from_ca_cert_pem(
+            &fs::read_to_string(dir.path().join(TRUST_ANCHOR_FILE)).unwrap(),
+            load_key(&dir.path().join(ROOT_KEY_FILE)).unwrap(),
+        )
+        .unwrap();
+        let key = new_key().unwrap();
+        let mut params = intermediate_params().unwrap();
+        set_validity(&mut params, Duration::from_secs(3600)).unwrap();
+        let short_lived = params.signed_by(&key, &root).unwrap();
+        fs::write(dir.path().join(ISSUER_CERT_FILE), short_lived.pem()).unwrap();
+        fs::write(dir.path().join(ISSUER_KEY_FILE), key.serialize_pem()).unwrap();
+
+        let authority = Authority::load_dir(dir.path()).unwrap();
+        let leaf_key = new_key().unwrap();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let leaf = authority
+            .sign_workload(&leaf_key, &id, Duration::from_secs(86400))
+            .unwrap();
+        assert_eq!(leaf.not_after_unix, unix_seconds(params.not_after));
     }
 
     #[test]

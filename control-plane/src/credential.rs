@@ -7,7 +7,7 @@
 //! a join token from a file is bound to one identity.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
@@ -18,6 +18,8 @@ use crate::identity::{IdentityError, SpiffeId};
 
 /// Longest bearer credential accepted; projected tokens are a few KiB at most.
 pub const MAX_CREDENTIAL_LEN: usize = 16 * 1024;
+/// How long a TokenReview may take before the request is answered 503 (the sidecar retries).
+pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a credential was not accepted (401), or could not be checked (503).
 #[derive(Debug, thiserror::Error)]
@@ -38,19 +40,26 @@ pub enum CredentialError {
     NotServiceAccount(IdentityError),
     #[error("the TokenReview request to the Kubernetes API server failed: {0}")]
     ReviewFailed(kube::Error),
+    #[error("the Kubernetes API server did not answer the TokenReview within {REVIEW_TIMEOUT:?}")]
+    ReviewTimedOut,
 }
 
 impl CredentialError {
     /// True when the fault is ours (the API server could not be asked), not the caller's.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, CredentialError::ReviewFailed(_))
+        matches!(
+            self,
+            CredentialError::ReviewFailed(_) | CredentialError::ReviewTimedOut
+        )
     }
 
     /// A short machine-readable reason for the API response and the error metric.
     pub fn reason(&self) -> &'static str {
         match self {
             CredentialError::Expired(..) => "expired-credential",
-            CredentialError::ReviewFailed(_) => "credential-check-unavailable",
+            CredentialError::ReviewFailed(_) | CredentialError::ReviewTimedOut => {
+                "credential-check-unavailable"
+            }
             _ => "bad-credential",
         }
     }
@@ -217,11 +226,13 @@ impl TokenReviewer {
             },
             ..TokenReview::default()
         };
-        let reviewed = self
-            .api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(CredentialError::ReviewFailed)?;
+        let reviewed = tokio::time::timeout(
+            REVIEW_TIMEOUT,
+            self.api.create(&PostParams::default(), &review),
+        )
+        .await
+        .map_err(|_| CredentialError::ReviewTimedOut)?
+        .map_err(CredentialError::ReviewFailed)?;
         let status = reviewed.status.unwrap_or_default();
         if status.authenticated != Some(true) {
             return Err(CredentialError::NotAuthenticated(status.error));

@@ -76,11 +76,17 @@ impl IssueFailure {
         }
     }
 
-    /// The wire form of the refusal.
+    /// The wire form of the refusal. Our own failures get a generic message: their details (API server
+    /// addresses, file paths) are for the log, not for callers.
     pub fn to_wire(&self) -> IssueError {
+        let message = if self.status().is_server_error() {
+            "the control plane could not complete the request; retry later".to_string()
+        } else {
+            self.to_string()
+        };
         IssueError {
             reason: self.reason().to_string(),
-            message: self.to_string(),
+            message,
         }
     }
 }

@@ -214,6 +214,7 @@ async fn start_inner(
         %admin_addr,
         trust_domain = %config.trust_domain,
         cert_ttl = %humantime::format_duration(config.cert_ttl),
+        trust_anchors = %trust_anchors_file(&config).display(),
         "control plane ready"
     );
     Ok(ControlPlane {
@@ -234,4 +235,14 @@ fn local_addr(
     listener
         .local_addr()
         .map_err(|source| Error::Server(ServerError::Bind { name, addr, source }))
+}
+
+/// Where the trust anchors sidecars need (`--trust-anchors`) are on disk, for the start-up log.
+fn trust_anchors_file(config: &Config) -> std::path::PathBuf {
+    let dir = match config.mode {
+        Mode::Local => config.data_dir.as_deref(),
+        Mode::Cluster => config.issuer_dir.as_deref(),
+    };
+    dir.unwrap_or(std::path::Path::new("."))
+        .join(ca::TRUST_ANCHOR_FILE)
 }

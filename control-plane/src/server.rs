@@ -186,7 +186,7 @@ impl Router for ApiRouter {
                 let failure = self.issuance.refuse(IssueFailure::MalformedRequest(format!(
                     "cannot read a body of at most {MAX_REQUEST_BYTES} bytes: {error}"
                 )));
-                return json_error(failure.status(), failure.reason(), failure.to_string());
+                return json_response(failure.status(), &failure.to_wire());
             }
         };
         match self.issuance.issue(bearer.as_deref(), &body).await {

@@ -72,18 +72,26 @@ async fn serves_until_sigterm_then_exits_cleanly() {
                         .unwrap_or_default()
                         .parse::<SocketAddr>()
                 };
-                let _ = ready_tx.send((addr("admin_addr"), addr("api_addr")));
+                let anchors = event["fields"]["trust_anchors"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let _ = ready_tx.send((addr("admin_addr"), addr("api_addr"), anchors));
             }
         }
     });
-    let (admin_addr, api_addr) = tokio::task::spawn_blocking(move || ready_rx.recv())
+    let (admin_addr, api_addr, anchors_path) = tokio::task::spawn_blocking(move || ready_rx.recv())
         .await
         .unwrap()
         .expect("meshlet-control exited without becoming ready");
     let (admin_addr, api_addr) = (admin_addr.unwrap(), api_addr.unwrap());
+    assert_eq!(
+        std::path::Path::new(&anchors_path),
+        dir.path().join("ca").join("ca.crt")
+    );
 
     assert_eq!(admin_get(admin_addr, "/ready").await.0, 200);
-    let bundle = std::fs::read_to_string(dir.path().join("ca").join("ca.crt")).unwrap();
+    let bundle = std::fs::read_to_string(&anchors_path).unwrap();
     let (key, request) = request_for("spiffe://cluster.local/ns/shop/sa/web");
     let issued = issue(api_addr, &bundle, Some("t"), &request).await.issued();
     check_leaf(
