@@ -134,26 +134,13 @@ impl Authority {
         let issuer_cert_path = data_dir.join(ISSUER_CERT_FILE);
         let issuer_key_path = data_dir.join(ISSUER_KEY_FILE);
 
-        let (root_pem, root_key) = match both_or_neither(&root_cert_path, &root_key_path)? {
-            true => {
-                let root_pem = read(&root_cert_path)?;
-                let key = load_key(&root_key_path)?;
-                (root_pem, key)
-            }
-            false => {
-                tracing::info!(dir = %data_dir.display(), "generating a new local root CA");
-                let key = new_key()?;
-                let root_pem = root_params()?
-                    .self_signed(&key)
-                    .map_err(|source| CaError::Sign {
-                        what: "the root CA".into(),
-                        source,
-                    })?
-                    .pem();
-                write_private(&root_key_path, &key.serialize_pem())?;
-                write_public(&root_cert_path, &root_pem)?;
-                (root_pem, key)
-            }
+        let (root_pem, root_key) = if both_or_neither(&root_cert_path, &root_key_path)? {
+            (read(&root_cert_path)?, load_key(&root_key_path)?)
+        } else {
+            let params = root_params()?;
+            create_and_write("local root CA", &root_cert_path, &root_key_path, |key| {
+                params.self_signed(key)
+            })?
         };
         let root = Issuer::from_ca_cert_pem(&root_pem, root_key)
             .map_err(|e| CaError::BadCertificate(root_cert_path.clone(), e.to_string()))?;
@@ -161,17 +148,13 @@ impl Authority {
         let keep_intermediate = both_or_neither(&issuer_cert_path, &issuer_key_path)?
             && !expires_within(&issuer_cert_path, INTERMEDIATE_RENEW_BEFORE)?;
         if !keep_intermediate {
-            tracing::info!(dir = %data_dir.display(), "generating a new local intermediate issuer");
-            let key = new_key()?;
-            let pem = intermediate_params()?
-                .signed_by(&key, &root)
-                .map_err(|source| CaError::Sign {
-                    what: "the intermediate issuer".into(),
-                    source,
-                })?
-                .pem();
-            write_private(&issuer_key_path, &key.serialize_pem())?;
-            write_public(&issuer_cert_path, &pem)?;
+            let params = intermediate_params()?;
+            create_and_write(
+                "local intermediate issuer",
+                &issuer_cert_path,
+                &issuer_key_path,
+                |key| params.signed_by(key, &root),
+            )?;
         }
         Self::load_dir(data_dir)
     }
@@ -319,6 +302,29 @@ pub fn load_serving_dir(dir: &Path) -> Result<ServingCert, CaError> {
 }
 
 fn root_params() -> Result<CertificateParams, CaError> {
+    ca_params(
+        "meshlet root CA",
+        BasicConstraints::Unconstrained,
+        ROOT_LIFETIME,
+    )
+}
+
+/// The intermediate may sign only end-entity certificates (path length 0).
+fn intermediate_params() -> Result<CertificateParams, CaError> {
+    let mut params = ca_params(
+        "meshlet issuer",
+        BasicConstraints::Constrained(0),
+        INTERMEDIATE_LIFETIME,
+    )?;
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+fn ca_params(
+    common_name: &str,
+    constraints: BasicConstraints,
+    lifetime: Duration,
+) -> Result<CertificateParams, CaError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params
@@ -326,25 +332,10 @@ fn root_params() -> Result<CertificateParams, CaError> {
         .push(DnType::OrganizationName, "meshlet");
     params
         .distinguished_name
-        .push(DnType::CommonName, "meshlet root CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(constraints);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    set_validity(&mut params, ROOT_LIFETIME)?;
-    Ok(params)
-}
-
-fn intermediate_params() -> Result<CertificateParams, CaError> {
-    let mut params = root_params()?;
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "meshlet");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "meshlet issuer");
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params, INTERMEDIATE_LIFETIME)?;
+    set_validity(&mut params, lifetime)?;
     Ok(params)
 }
 
@@ -386,6 +377,26 @@ fn random_serial() -> Result<SerialNumber, CaError> {
         .map_err(|_| CaError::Random)?;
     bytes[0] &= 0x7f;
     Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// Generates a key, makes its certificate with `sign`, and writes both (the key mode 0600).
+fn create_and_write(
+    what: &str,
+    cert_path: &Path,
+    key_path: &Path,
+    sign: impl FnOnce(&KeyPair) -> Result<rcgen::Certificate, rcgen::Error>,
+) -> Result<(String, KeyPair), CaError> {
+    tracing::info!(file = %cert_path.display(), "generating a new {what}");
+    let key = new_key()?;
+    let pem = sign(&key)
+        .map_err(|source| CaError::Sign {
+            what: what.to_string(),
+            source,
+        })?
+        .pem();
+    write_private(key_path, &key.serialize_pem())?;
+    write_public(cert_path, &pem)?;
+    Ok((pem, key))
 }
 
 fn new_key() -> Result<KeyPair, CaError> {

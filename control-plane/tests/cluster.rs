@@ -208,61 +208,40 @@ async fn service_account_tokens_are_checked_with_token_review() {
         files.root_pem,
         "the bundle is ca.crt"
     );
-    let (addr, bundle) = (control.api_addr(), files.root_pem.clone());
+    let api = Api {
+        addr: control.api_addr(),
+        server_name: SERVICE_NAME,
+        bundle_pem: files.root_pem.clone(),
+    };
 
     // Authenticated, right audience, own identity: issued under the cert-manager issuer.
     let (key, request) = request_for(WEB);
-    let issued = issue_as(addr, SERVICE_NAME, &bundle, Some("sa-token-web"), &request)
-        .await
-        .issued();
+    let issued = api.issue(Some("sa-token-web"), &request).await.issued();
     check_leaf(&issued, WEB, &key, Duration::from_secs(600));
 
     // Authenticated, but for another audience (a token meant for the API server): 401.
     let (_, request) = request_for(WEB);
-    let (status, error) = issue_as(
-        addr,
-        SERVICE_NAME,
-        &bundle,
-        Some("sa-token-for-the-api-server"),
-        &request,
-    )
-    .await
-    .refused();
-    assert_eq!(
-        (status, error.reason.as_str()),
-        (401, "bad-credential"),
-        "{error:?}"
-    );
+    let error = api
+        .expect_refusal(
+            Some("sa-token-for-the-api-server"),
+            &request,
+            401,
+            "bad-credential",
+        )
+        .await;
     assert!(error.message.contains("audience"), "{error:?}");
 
     // Not authenticated: 401.
     let (_, request) = request_for(WEB);
-    let (status, error) = issue_as(
-        addr,
-        SERVICE_NAME,
-        &bundle,
-        Some("sa-token-revoked"),
-        &request,
-    )
-    .await
-    .refused();
-    assert_eq!(
-        (status, error.reason.as_str()),
-        (401, "bad-credential"),
-        "{error:?}"
-    );
+    let error = api
+        .expect_refusal(Some("sa-token-revoked"), &request, 401, "bad-credential")
+        .await;
     assert!(error.message.contains("invalid bearer token"), "{error:?}");
 
     // Authenticated as shop/web but asking for shop/db: 403.
     let (_, request) = request_for(DB);
-    let (status, error) = issue_as(addr, SERVICE_NAME, &bundle, Some("sa-token-web"), &request)
-        .await
-        .refused();
-    assert_eq!(
-        (status, error.reason.as_str()),
-        (403, "identity-mismatch"),
-        "{error:?}"
-    );
+    api.expect_refusal(Some("sa-token-web"), &request, 403, "identity-mismatch")
+        .await;
 
     // Every review named the audience and carried the caller's token.
     let reviews = api_server.reviews.lock().unwrap().clone();
@@ -308,19 +287,22 @@ async fn an_unreachable_api_server_is_our_failure_not_the_callers() {
             .unwrap();
     let (_, request) = request_for(WEB);
     // No --api-cert-dir: the serving certificate is made from the issuer, for the same Service name.
-    let answer = issue_as(
-        control.api_addr(),
-        SERVICE_NAME,
-        &files.root_pem,
-        Some("sa-token-web"),
-        &request,
-    )
-    .await;
-    let (status, error) = answer.refused();
-    assert_eq!(
-        (status, error.reason.as_str()),
-        (503, "credential-check-unavailable"),
-        "{error:?}"
+    let api = Api {
+        addr: control.api_addr(),
+        server_name: SERVICE_NAME,
+        bundle_pem: files.root_pem.clone(),
+    };
+    let error = api
+        .expect_refusal(
+            Some("sa-token-web"),
+            &request,
+            503,
+            "credential-check-unavailable",
+        )
+        .await;
+    assert!(
+        !error.message.contains("127.0.0.1"),
+        "internal details stay in the log: {error:?}"
     );
     control.shutdown().await;
 }

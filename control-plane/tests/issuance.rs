@@ -27,6 +27,15 @@ fn local_config(dir: &std::path::Path) -> Config {
     Config::local_loopback(dir.join("ca"), tokens)
 }
 
+/// A local-mode control plane on loopback; keep the directory alive as long as the control plane.
+async fn start_local() -> (tempfile::TempDir, meshlet_control::ControlPlane) {
+    let dir = tempfile::tempdir().unwrap();
+    let control = meshlet_control::start(local_config(dir.path()))
+        .await
+        .unwrap();
+    (dir, control)
+}
+
 #[tokio::test]
 async fn issues_a_spiffe_leaf_for_a_good_join_token_and_keeps_its_ca_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
@@ -35,14 +44,10 @@ async fn issues_a_spiffe_leaf_for_a_good_join_token_and_keeps_its_ca_across_rest
     let control = meshlet_control::start(config.clone()).await.unwrap();
 
     let (key, request) = request_for(WEB);
-    let issued = issue(
-        control.api_addr(),
-        control.trust_bundle_pem(),
-        Some("web-join-token"),
-        &request,
-    )
-    .await
-    .issued();
+    let issued = Api::of(&control)
+        .issue(Some("web-join-token"), &request)
+        .await
+        .issued();
     check_leaf(&issued, WEB, &key, Duration::from_secs(3600));
     assert_eq!(issued.trust_bundle_pem, control.trust_bundle_pem());
 
@@ -81,10 +86,7 @@ async fn issues_a_spiffe_leaf_for_a_good_join_token_and_keeps_its_ca_across_rest
 
 #[tokio::test]
 async fn a_csr_asking_for_ca_rights_and_extra_names_gets_none_of_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let control = meshlet_control::start(local_config(dir.path()))
-        .await
-        .unwrap();
+    let (_dir, control) = start_local().await;
 
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec!["evil.example.com".to_string()]).unwrap();
@@ -119,25 +121,19 @@ async fn a_csr_asking_for_ca_rights_and_extra_names_gets_none_of_them() {
         identity: WEB.to_string(),
         csr_pem,
     };
-    let issued = issue(
-        control.api_addr(),
-        control.trust_bundle_pem(),
-        Some("web-join-token"),
-        &request,
-    )
-    .await
-    .issued();
+    let issued = Api::of(&control)
+        .issue(Some("web-join-token"), &request)
+        .await
+        .issued();
     check_leaf(&issued, WEB, &key, Duration::from_secs(24 * 3600));
     control.shutdown().await;
 }
 
 #[tokio::test]
 async fn refusals_carry_status_and_reason_and_are_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let control = meshlet_control::start(local_config(dir.path()))
-        .await
-        .unwrap();
+    let (_dir, control) = start_local().await;
     let (addr, bundle) = (control.api_addr(), control.trust_bundle_pem().to_string());
+    let api = Api::of(&control);
 
     // Malformed CSR: 400.
     let request = IssueRequest {
@@ -145,14 +141,8 @@ async fn refusals_carry_status_and_reason_and_are_counted() {
         csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n"
             .into(),
     };
-    let (status, error) = issue(addr, &bundle, Some("web-join-token"), &request)
-        .await
-        .refused();
-    assert_eq!(
-        (status, error.reason.as_str()),
-        (400, "malformed-csr"),
-        "{error:?}"
-    );
+    api.expect_refusal(Some("web-join-token"), &request, 400, "malformed-csr")
+        .await;
 
     // A CSR altered after signing (its signature no longer matches its contents): 400.
     let key = KeyPair::generate().unwrap();
@@ -167,14 +157,9 @@ async fn refusals_carry_status_and_reason_and_are_counted() {
         identity: WEB.to_string(),
         csr_pem: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der)),
     };
-    let (status, error) = issue(addr, &bundle, Some("web-join-token"), &request)
-        .await
-        .refused();
-    assert_eq!(
-        (status, error.reason.as_str()),
-        (400, "malformed-csr"),
-        "{error:?}"
-    );
+    let error = api
+        .expect_refusal(Some("web-join-token"), &request, 400, "malformed-csr")
+        .await;
     assert!(error.message.contains("signature"), "{error:?}");
 
     // Not JSON: 400.
@@ -190,42 +175,26 @@ async fn refusals_carry_status_and_reason_and_are_counted() {
 
     // Unknown join token, no token: 401.
     let (_, request) = request_for(WEB);
-    let (status, error) = issue(addr, &bundle, Some("guessed-token"), &request)
-        .await
-        .refused();
-    assert_eq!(
-        (status, error.reason.as_str()),
-        (401, "bad-credential"),
-        "{error:?}"
-    );
-    let (status, error) = issue(addr, &bundle, None, &request).await.refused();
-    assert_eq!(
-        (status, error.reason.as_str()),
-        (401, "bad-credential"),
-        "{error:?}"
-    );
+    api.expect_refusal(Some("guessed-token"), &request, 401, "bad-credential")
+        .await;
+    api.expect_refusal(None, &request, 401, "bad-credential")
+        .await;
 
     // Expired join token: 401.
     let (_, request) = request_for(DB);
-    let (status, error) = issue(addr, &bundle, Some("expired-join-token"), &request)
-        .await
-        .refused();
-    assert_eq!(
-        (status, error.reason.as_str()),
-        (401, "expired-credential"),
-        "{error:?}"
-    );
+    api.expect_refusal(
+        Some("expired-join-token"),
+        &request,
+        401,
+        "expired-credential",
+    )
+    .await;
 
     // Good token, someone else's identity: 403.
     let (_, request) = request_for(DB);
-    let (status, error) = issue(addr, &bundle, Some("web-join-token"), &request)
-        .await
-        .refused();
-    assert_eq!(
-        (status, error.reason.as_str()),
-        (403, "identity-mismatch"),
-        "{error:?}"
-    );
+    let error = api
+        .expect_refusal(Some("web-join-token"), &request, 403, "identity-mismatch")
+        .await;
     assert!(
         error.message.contains(WEB) && error.message.contains(DB),
         "{error:?}"
@@ -233,25 +202,13 @@ async fn refusals_carry_status_and_reason_and_are_counted() {
 
     // Another trust domain: 403.
     let (_, request) = request_for("spiffe://other.example/ns/shop/sa/web");
-    let (status, error) = issue(addr, &bundle, Some("web-join-token"), &request)
-        .await
-        .refused();
-    assert_eq!(
-        (status, error.reason.as_str()),
-        (403, "wrong-trust-domain"),
-        "{error:?}"
-    );
+    api.expect_refusal(Some("web-join-token"), &request, 403, "wrong-trust-domain")
+        .await;
 
     // Not an identity at all: 400.
     let (_, request) = request_for("web");
-    let (status, error) = issue(addr, &bundle, Some("web-join-token"), &request)
-        .await
-        .refused();
-    assert_eq!(
-        (status, error.reason.as_str()),
-        (400, "malformed-identity"),
-        "{error:?}"
-    );
+    api.expect_refusal(Some("web-join-token"), &request, 400, "malformed-identity")
+        .await;
 
     let (_, metrics) = admin_get(control.admin_addr(), "/metrics").await;
     for (reason, count) in [
@@ -275,10 +232,7 @@ async fn refusals_carry_status_and_reason_and_are_counted() {
 
 #[tokio::test]
 async fn admin_reports_live_and_ready_and_the_api_rejects_other_paths() {
-    let dir = tempfile::tempdir().unwrap();
-    let control = meshlet_control::start(local_config(dir.path()))
-        .await
-        .unwrap();
+    let (_dir, control) = start_local().await;
     assert_eq!(admin_get(control.admin_addr(), "/live").await.0, 200);
     assert_eq!(admin_get(control.admin_addr(), "/ready").await.0, 200);
     assert_eq!(admin_get(control.admin_addr(), "/nothing").await.0, 404);

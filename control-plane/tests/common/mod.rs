@@ -89,6 +89,53 @@ pub async fn post_raw(
     (status, body)
 }
 
+/// One control plane's API as a client sees it: where, under which name, trusting what.
+pub struct Api {
+    pub addr: SocketAddr,
+    pub server_name: &'static str,
+    pub bundle_pem: String,
+}
+
+impl Api {
+    /// A local control plane's API, verified as `localhost` with the control plane's own bundle.
+    pub fn of(control: &meshlet_control::ControlPlane) -> Self {
+        Api {
+            addr: control.api_addr(),
+            server_name: "localhost",
+            bundle_pem: control.trust_bundle_pem().to_string(),
+        }
+    }
+
+    /// Asks for a certificate with `bearer` as the credential.
+    pub async fn issue(&self, bearer: Option<&str>, request: &IssueRequest) -> Answer {
+        issue_as(
+            self.addr,
+            self.server_name,
+            &self.bundle_pem,
+            bearer,
+            request,
+        )
+        .await
+    }
+
+    /// Asks for a certificate and asserts the refusal's status and reason; returns the refusal.
+    pub async fn expect_refusal(
+        &self,
+        bearer: Option<&str>,
+        request: &IssueRequest,
+        status: u16,
+        reason: &str,
+    ) -> IssueError {
+        let (got_status, error) = self.issue(bearer, request).await.refused();
+        assert_eq!(
+            (got_status, error.reason.as_str()),
+            (status, reason),
+            "{error:?}"
+        );
+        error
+    }
+}
+
 /// Asks the API for a certificate, verifying the server as `localhost`.
 pub async fn issue(
     addr: SocketAddr,
