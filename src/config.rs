@@ -19,16 +19,33 @@ pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4222,4444,5432,6379,9300,112
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct ProxyArgs {
     /// Outbound listeners: connections redirected from the app by iptables, or explicit HTTP proxy clients.
-    #[arg(long = "outbound-addr", env = "MESHLET_OUTBOUND_ADDR", value_delimiter = ',',
-          default_value = "127.0.0.1:15001,[::1]:15001", value_name = "ADDR,...")]
+    #[arg(
+        long = "outbound-addr",
+        env = "MESHLET_OUTBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:15001,[::1]:15001",
+        value_name = "ADDR,..."
+    )]
     pub outbound_addrs: Vec<SocketAddr>,
 
-    /// Inbound listener: connections redirected to the pod's own ports.
-    #[arg(long, env = "MESHLET_INBOUND_ADDR", default_value = "0.0.0.0:15006", value_name = "ADDR")]
-    pub inbound_addr: SocketAddr,
+    /// Inbound listeners: connections redirected to the pod's own ports (IPv4 and IPv6), and mTLS from peer
+    /// sidecars.
+    #[arg(
+        long = "inbound-addr",
+        env = "MESHLET_INBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:15006,[::]:15006",
+        value_name = "ADDR,..."
+    )]
+    pub inbound_addrs: Vec<SocketAddr>,
 
     /// Admin listener: /metrics, /live, /ready, /config, POST /shutdown.
-    #[arg(long, env = "MESHLET_ADMIN_ADDR", default_value = "0.0.0.0:15020", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "MESHLET_ADMIN_ADDR",
+        default_value = "0.0.0.0:15020",
+        value_name = "ADDR"
+    )]
     pub admin_addr: SocketAddr,
 
     /// Worker threads of the data plane. A sidecar shares its pod's CPU: one or two is plenty.
@@ -103,6 +120,15 @@ pub struct ProxyArgs {
     #[serde(with = "humantime_serde_compat")]
     pub drain_timeout: Duration,
 
+    /// YAML file of the mesh's services: endpoints, identities, inbound rules. Re-read when it changes.
+    /// Absent: every destination is passed through plain.
+    #[arg(long, env = "MESHLET_MESH_CONFIG", value_name = "FILE")]
+    pub mesh_config: Option<std::path::PathBuf>,
+
+    /// Workload identity (needs a control plane; absent, the sidecar runs plain).
+    #[command(flatten)]
+    pub identity: crate::tls::IdentityArgs,
+
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "MESHLET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -117,7 +143,8 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     if let Ok(secs) = value.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(value).map_err(|e| format!("expected a duration such as 500ms, 10s or 1m ({e})"))
+    humantime::parse_duration(value)
+        .map_err(|e| format!("expected a duration such as 500ms, 10s or 1m ({e})"))
 }
 
 /// Serializes durations in `/config` the way they are written on the command line.
@@ -150,17 +177,26 @@ mod tests {
 
     #[test]
     fn bad_value_names_the_flag_and_the_value() {
-        let err = Cli::try_parse_from(["x", "--connect-timeout", "soon"]).err().unwrap().to_string();
+        let err = Cli::try_parse_from(["x", "--connect-timeout", "soon"])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("--connect-timeout"), "{err}");
         assert!(err.contains("soon"), "{err}");
-        let err = Cli::try_parse_from(["x", "--inbound-addr", "nowhere:99999"]).err().unwrap().to_string();
-        assert!(err.contains("--inbound-addr") && err.contains("nowhere:99999"), "{err}");
+        let err = Cli::try_parse_from(["x", "--inbound-addr", "nowhere:99999"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("--inbound-addr") && err.contains("nowhere:99999"),
+            "{err}"
+        );
     }
 
     #[test]
     fn defaults_are_the_standard_sidecar_ports() {
         let cli = Cli::try_parse_from(["x"]).unwrap();
-        assert_eq!(cli.args.inbound_addr.port(), 15006);
+        assert_eq!(cli.args.inbound_addrs[0].port(), 15006);
         assert_eq!(cli.args.admin_addr.port(), 15020);
         assert_eq!(cli.args.outbound_addrs.len(), 2);
         assert!(cli.args.opaque_ports.contains(&6379));

@@ -1,0 +1,210 @@
+//! Opaque TCP: bytes both ways, half-close respected, idle connections closed, bytes counted.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::error::ProxyError;
+use super::transport::{Carried, TransportHeader};
+use super::Inputs;
+use crate::discovery::MeshedEndpoint;
+use crate::metrics::Direction;
+use tokio_rustls::client::TlsStream;
+
+/// Copy buffer per direction: large enough for bulk transfers, small enough for many idle connections.
+const COPY_BUFFER: usize = 16 * 1024;
+
+/// Proxies an opaque connection to `dst`, first sending the bytes already read by detection. A meshed
+/// destination is reached over mTLS to its sidecar.
+pub async fn proxy(
+    inputs: &Inputs,
+    direction: Direction,
+    dst: SocketAddr,
+    prefix: Bytes,
+    client: TcpStream,
+) {
+    let meshed = match direction {
+        Direction::Outbound => inputs.meshed(dst),
+        Direction::Inbound => None,
+    };
+    let mut upstream = match Upstream::connect(inputs, dst, meshed.as_ref()).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            debug!(%dst, error = %e, "opaque connect failed");
+            inputs.metrics.proxy_error(direction, e.reason());
+            return;
+        }
+    };
+    if !prefix.is_empty() {
+        if let Err(e) = upstream.write_all(&prefix).await {
+            debug!(%dst, error = %e, "opaque write failed");
+            return;
+        }
+        inputs
+            .metrics
+            .tcp_bytes
+            .with_label_values(&[direction.as_str(), &dst.to_string(), "to_upstream"])
+            .inc_by(prefix.len() as u64);
+    }
+    upstream.relay(inputs, direction, dst, client).await;
+}
+
+/// An upstream byte stream: plain TCP, or mTLS to a peer sidecar that was told the target port.
+pub enum Upstream {
+    /// Straight to the destination.
+    Plain(TcpStream),
+    /// To the destination's sidecar.
+    Mesh(Box<TlsStream<TcpStream>>),
+}
+
+impl Upstream {
+    /// Connects to `dst`, over mTLS when `via` names its sidecar.
+    pub async fn connect(
+        inputs: &Inputs,
+        dst: SocketAddr,
+        via: Option<&MeshedEndpoint>,
+    ) -> Result<Self, ProxyError> {
+        match (via, &inputs.mesh_client) {
+            (Some(endpoint), Some(mesh)) => {
+                let header = TransportHeader {
+                    port: dst.port(),
+                    carried: Carried::Tcp,
+                };
+                Ok(Upstream::Mesh(Box::new(mesh.open(endpoint, header).await?)))
+            }
+            _ => Ok(Upstream::Plain(inputs.pool.connect_tcp(dst).await?)),
+        }
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Upstream::Plain(s) => s.write_all(bytes).await,
+            Upstream::Mesh(s) => s.write_all(bytes).await,
+        }
+    }
+
+    /// Relays between `client` and this upstream until both sides are done.
+    pub async fn relay<C>(self, inputs: &Inputs, direction: Direction, dst: SocketAddr, client: C)
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let label = dst.to_string();
+        match self {
+            Upstream::Plain(s) => relay(inputs, direction, &label, client, s).await,
+            Upstream::Mesh(s) => relay(inputs, direction, &label, client, s).await,
+        }
+    }
+}
+
+/// Copies bytes both ways until both sides have closed, or nothing moved for the idle timeout.
+///
+/// When one side finishes sending, the other side's write half is shut down and the other direction goes
+/// on (half-close), as `tokio::io::copy_bidirectional` does.
+pub async fn relay<C, U>(inputs: &Inputs, direction: Direction, label: &str, client: C, upstream: U)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let metrics = &inputs.metrics;
+    let dir = direction.as_str();
+    metrics.tcp_opened.with_label_values(&[dir, label]).inc();
+    let open = metrics.tcp_open.with_label_values(&[dir]);
+    open.inc();
+
+    let to_upstream = Arc::new(AtomicU64::new(0));
+    let from_upstream = Arc::new(AtomicU64::new(0));
+    let mut client = Counted {
+        inner: client,
+        read: to_upstream.clone(),
+    };
+    let mut upstream = Counted {
+        inner: upstream,
+        read: from_upstream.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    );
+    tokio::pin!(copy);
+    let idle = inputs.config.tcp_idle_timeout;
+    let mut seen = (0, 0);
+    loop {
+        tokio::select! {
+            result = &mut copy => {
+                if let Err(e) = result {
+                    debug!(destination = label, error = %e, "tcp relay ended with an error");
+                }
+                break;
+            }
+            _ = tokio::time::sleep(idle) => {
+                let now = (to_upstream.load(Ordering::Relaxed), from_upstream.load(Ordering::Relaxed));
+                if now == seen {
+                    debug!(destination = label, "closing idle tcp connection");
+                    metrics.proxy_error(direction, "tcp-idle-timeout");
+                    break;
+                }
+                seen = now;
+            }
+        }
+    }
+    open.dec();
+    metrics.tcp_closed.with_label_values(&[dir, label]).inc();
+    metrics
+        .tcp_bytes
+        .with_label_values(&[dir, label, "to_upstream"])
+        .inc_by(to_upstream.load(Ordering::Relaxed));
+    metrics
+        .tcp_bytes
+        .with_label_values(&[dir, label, "from_upstream"])
+        .inc_by(from_upstream.load(Ordering::Relaxed));
+}
+
+/// Counts the bytes read from the wrapped IO.
+struct Counted<I> {
+    inner: I,
+    read: Arc<AtomicU64>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.read.fetch_add(n, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
