@@ -25,7 +25,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
-use crate::identity::SpiffeId;
+use meshlet::tls::SpiffeId;
 
 /// Issuer certificate (with any chain above it up to, not necessarily including, the root), PEM.
 pub const ISSUER_CERT_FILE: &str = "tls.crt";
@@ -535,7 +535,9 @@ mod tests {
 
         let authority = Authority::load_dir(dir.path()).unwrap();
         let leaf_key = new_key().unwrap();
-        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let id = "spiffe://cluster.local/ns/a/sa/b"
+            .parse::<SpiffeId>()
+            .unwrap();
         let leaf = authority
             .sign_workload(&leaf_key, &id, Duration::from_secs(86400))
             .unwrap();

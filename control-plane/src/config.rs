@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::identity::{check_trust_domain, IdentityError};
+use meshlet::tls::{IdentityError, SpiffeId};
 
 /// Shortest certificate lifetime accepted; tests of rotation use a few seconds.
 pub const MIN_CERT_TTL: Duration = Duration::from_secs(1);
@@ -127,7 +127,8 @@ impl Config {
 
     /// Checks what clap cannot: values in range and the settings each mode needs.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_trust_domain(&self.trust_domain)
+        // The trust domain is valid when an identity in it is.
+        SpiffeId::new(&self.trust_domain, "default", "default")
             .map_err(|e| ConfigError::TrustDomain(self.trust_domain.clone(), e))?;
         if !(MIN_CERT_TTL..=MAX_CERT_TTL).contains(&self.cert_ttl) {
             return Err(ConfigError::CertTtl(self.cert_ttl));

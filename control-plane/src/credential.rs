@@ -14,7 +14,7 @@ use kube::api::{Api, PostParams};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::identity::{IdentityError, SpiffeId};
+use meshlet::tls::{IdentityError, SpiffeId};
 
 /// Longest bearer credential accepted; projected tokens are a few KiB at most.
 pub const MAX_CREDENTIAL_LEN: usize = 16 * 1024;
@@ -36,8 +36,10 @@ pub enum CredentialError {
     NotAuthenticated(Option<String>),
     #[error("the token is not valid for audience {expected:?} (token audiences: {got:?})")]
     WrongAudience { expected: String, got: Vec<String> },
-    #[error("the token does not belong to a ServiceAccount: {0}")]
-    NotServiceAccount(IdentityError),
+    #[error("the token belongs to {0:?}, not to a ServiceAccount (system:serviceaccount:<namespace>:<name>)")]
+    NotServiceAccount(String),
+    #[error("the token's ServiceAccount is not a valid identity: {0}")]
+    BadServiceAccount(IdentityError),
     #[error("the TokenReview request to the Kubernetes API server failed: {0}")]
     ReviewFailed(kube::Error),
     #[error("the Kubernetes API server did not answer the TokenReview within {REVIEW_TIMEOUT:?}")]
@@ -135,7 +137,7 @@ impl JoinTokens {
             if entry.token.is_empty() {
                 return Err(JoinTokenFileError::EmptyToken { path, index });
             }
-            let identity = SpiffeId::parse(&entry.identity).map_err(|source| {
+            let identity = entry.identity.parse::<SpiffeId>().map_err(|source| {
                 JoinTokenFileError::Identity {
                     path: path.clone(),
                     index,
@@ -248,9 +250,22 @@ impl TokenReviewer {
             .user
             .and_then(|user| user.username)
             .unwrap_or_default();
-        SpiffeId::from_service_account_user(&self.trust_domain, &username)
-            .map_err(CredentialError::NotServiceAccount)
+        service_account_identity(&self.trust_domain, &username)
     }
+}
+
+/// Maps a Kubernetes user name `system:serviceaccount:<namespace>:<name>` (what TokenReview returns for a
+/// ServiceAccount token) to the identity of that ServiceAccount in `trust_domain`.
+fn service_account_identity(
+    trust_domain: &str,
+    username: &str,
+) -> Result<SpiffeId, CredentialError> {
+    let not_sa = || CredentialError::NotServiceAccount(username.to_string());
+    let rest = username
+        .strip_prefix("system:serviceaccount:")
+        .ok_or_else(not_sa)?;
+    let (namespace, name) = rest.split_once(':').ok_or_else(not_sa)?;
+    SpiffeId::new(trust_domain, namespace, name).map_err(CredentialError::BadServiceAccount)
 }
 
 /// Where credentials are checked, by mode.
@@ -316,6 +331,25 @@ mod tests {
         assert!(tokens
             .authenticate("old", before + Duration::from_secs(86400 * 2))
             .is_err());
+    }
+
+    #[test]
+    fn service_account_user_names_map_to_identities() {
+        let id =
+            service_account_identity("cluster.local", "system:serviceaccount:shop:web").unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        for user in [
+            "system:node:worker-1",
+            "system:serviceaccount:shop",
+            "system:serviceaccount:shop:a:b",
+            "system:serviceaccount::web",
+            "",
+        ] {
+            assert!(
+                service_account_identity("cluster.local", user).is_err(),
+                "{user:?} accepted"
+            );
+        }
     }
 
     #[test]

@@ -6,15 +6,17 @@
 //! it — signed into a certificate whose every other field the control plane chooses.
 //!
 //! The CSR is parsed with x509-parser rather than rcgen's `CertificateSigningRequestParams::from_pem`:
-//! rcgen turns the CSR's requested extensions into certificate parameters and refuses any extension it does
-//! not model (a basic-constraints request for CA rights, for one), whereas here those requests are simply
-//! ignored, so a CSR that asks for too much still gets a certificate with none of it.
+//! rcgen turns the CSR's requested extensions into certificate parameters (which would then have to be
+//! thrown away) and refuses any extension it does not model (name constraints, private extensions, unknown
+//! extended key usages), whereas here every requested extension is simply ignored, so a CSR that asks for
+//! too much still gets a certificate with none of it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
 use meshlet::tls::api::{IssueError, IssueRequest, IssueResponse};
+use meshlet::tls::{IdentityError, SpiffeId};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateSigningRequestDer;
 use x509_parser::certification_request::X509CertificationRequest;
@@ -22,7 +24,6 @@ use x509_parser::prelude::FromDer;
 
 use crate::ca::{Authority, CaError};
 use crate::credential::{CredentialError, Credentials};
-use crate::identity::{IdentityError, SpiffeId};
 use crate::metrics::Metrics;
 
 /// Largest request body accepted; a P-256 CSR in PEM is well under 1 KiB, RSA-4096 under 4 KiB.
@@ -159,8 +160,10 @@ impl IssuanceService {
             .authenticate(bearer)
             .await
             .map_err(IssueFailure::Credential)?;
-        let requested =
-            SpiffeId::parse(&request.identity).map_err(IssueFailure::MalformedIdentity)?;
+        let requested = request
+            .identity
+            .parse::<SpiffeId>()
+            .map_err(IssueFailure::MalformedIdentity)?;
         if requested.trust_domain() != self.trust_domain {
             return Err(IssueFailure::WrongTrustDomain {
                 requested: requested.to_string(),
@@ -245,15 +248,15 @@ mod tests {
     }
 
     #[test]
-    fn rcgen_from_pem_refuses_a_csr_asking_for_ca_rights() {
+    fn requested_extensions_rcgen_does_not_model_are_ignored_not_refused() {
         // Why the CSR is parsed here and not by rcgen: rcgen refuses extensions it does not model.
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
         params
             .custom_extensions
             .push(rcgen::CustomExtension::from_oid_content(
-                &[2, 5, 29, 19],
-                vec![0x30, 0x03, 0x01, 0x01, 0xff],
+                &[1, 3, 6, 1, 4, 1, 99999, 1],
+                vec![0x05, 0x00],
             ));
         let pem = csr_pem(params, &key);
         assert!(rcgen::CertificateSigningRequestParams::from_pem(&pem).is_err());

@@ -7,7 +7,6 @@
 pub mod ca;
 pub mod config;
 pub mod credential;
-pub mod identity;
 pub mod issue;
 pub mod metrics;
 pub mod server;
