@@ -129,54 +129,9 @@ async fn start_inner(
     let admin_addr = local_addr("--admin-addr", &admin_listener, config.admin_addr)?;
 
     let metrics = Arc::new(Metrics::new()?);
-    let (authority, credentials) = match config.mode {
-        Mode::Local => {
-            let data_dir = config.data_dir.as_deref().ok_or(ConfigError::Missing {
-                flag: "--data-dir",
-                mode: "local",
-            })?;
-            let tokens_path = config.join_tokens.as_deref().ok_or(ConfigError::Missing {
-                flag: "--join-tokens",
-                mode: "local",
-            })?;
-            let authority = Authority::load_or_create_local(data_dir)?;
-            let tokens = JoinTokens::load(tokens_path, &config.trust_domain)?;
-            if tokens.is_empty() {
-                tracing::warn!(file = %tokens_path.display(), "no join tokens configured; every request will be refused");
-            }
-            (authority, Credentials::JoinTokens(tokens))
-        }
-        Mode::Cluster => {
-            let issuer_dir = config.issuer_dir.as_deref().ok_or(ConfigError::Missing {
-                flag: "--issuer-dir",
-                mode: "cluster",
-            })?;
-            let authority = Authority::load_dir(issuer_dir)?;
-            let client = match kube_client {
-                Some(client) => client,
-                None => kube::Client::try_default().await?,
-            };
-            let reviewer = TokenReviewer::new(
-                client,
-                config.token_audience.clone(),
-                config.trust_domain.clone(),
-            );
-            (authority, Credentials::TokenReview(reviewer))
-        }
-    };
+    let (authority, credentials) = load_identity_sources(&config, kube_client).await?;
     let authority = Arc::new(authority);
-
-    let serving = match &config.api_cert_dir {
-        Some(dir) => ca::load_serving_dir(dir)?,
-        None => authority.sign_serving()?,
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(serving.chain, serving.key)?;
-    tls.alpn_protocols = API_ALPN.iter().map(|p| p.to_vec()).collect();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let acceptor = api_tls(&config, &authority)?;
 
     let trust_bundle_pem = authority.trust_bundle_pem().to_string();
     let issuance = IssuanceService::new(
@@ -224,6 +179,63 @@ async fn start_inner(
         stop,
         tasks,
     })
+}
+
+/// The CA and the credential checker of the configured mode.
+async fn load_identity_sources(
+    config: &Config,
+    kube_client: Option<kube::Client>,
+) -> Result<(Authority, Credentials), Error> {
+    Ok(match config.mode {
+        Mode::Local => {
+            let data_dir = config.data_dir.as_deref().ok_or(ConfigError::Missing {
+                flag: "--data-dir",
+                mode: "local",
+            })?;
+            let tokens_path = config.join_tokens.as_deref().ok_or(ConfigError::Missing {
+                flag: "--join-tokens",
+                mode: "local",
+            })?;
+            let authority = Authority::load_or_create_local(data_dir)?;
+            let tokens = JoinTokens::load(tokens_path, &config.trust_domain)?;
+            if tokens.is_empty() {
+                tracing::warn!(file = %tokens_path.display(), "no join tokens configured; every request will be refused");
+            }
+            (authority, Credentials::JoinTokens(tokens))
+        }
+        Mode::Cluster => {
+            let issuer_dir = config.issuer_dir.as_deref().ok_or(ConfigError::Missing {
+                flag: "--issuer-dir",
+                mode: "cluster",
+            })?;
+            let authority = Authority::load_dir(issuer_dir)?;
+            let client = match kube_client {
+                Some(client) => client,
+                None => kube::Client::try_default().await?,
+            };
+            let reviewer = TokenReviewer::new(
+                client,
+                config.token_audience.clone(),
+                config.trust_domain.clone(),
+            );
+            (authority, Credentials::TokenReview(reviewer))
+        }
+    })
+}
+
+/// The API's TLS 1.3 server configuration: the mounted serving certificate, or one made from the CA.
+fn api_tls(config: &Config, authority: &Authority) -> Result<tokio_rustls::TlsAcceptor, Error> {
+    let serving = match &config.api_cert_dir {
+        Some(dir) => ca::load_serving_dir(dir)?,
+        None => authority.sign_serving()?,
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(serving.chain, serving.key)?;
+    tls.alpn_protocols = API_ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
 }
 
 fn local_addr(
