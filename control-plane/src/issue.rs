@@ -17,6 +17,7 @@ use std::time::Duration;
 use http::StatusCode;
 use meshlet::tls::api::{IssueError, IssueRequest, IssueResponse};
 use meshlet::tls::{IdentityError, SpiffeId};
+use rcgen::PublicKeyData;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateSigningRequestDer;
 use x509_parser::certification_request::X509CertificationRequest;
@@ -191,8 +192,16 @@ impl IssuanceService {
     }
 }
 
-/// Parses a PEM CSR, checks that it is signed by the key it carries (proof the caller holds that key), and
-/// returns that public key. Nothing else in the CSR is looked at.
+/// Key types a sidecar may certify: what rustls with ring can use for TLS 1.3 (RSA is slow and needs large
+/// keys to be safe; P-521 is not supported by ring), so no certificate is issued that the mesh cannot use.
+const ACCEPTED_KEYS: [&rcgen::SignatureAlgorithm; 3] = [
+    &rcgen::PKCS_ECDSA_P256_SHA256,
+    &rcgen::PKCS_ECDSA_P384_SHA384,
+    &rcgen::PKCS_ED25519,
+];
+
+/// Parses a PEM CSR, checks that it is signed by the key it carries (proof the caller holds that key) and
+/// that the key is of an accepted type, and returns that public key. Nothing else in the CSR is looked at.
 pub fn csr_public_key(csr_pem: &str) -> Result<rcgen::SubjectPublicKeyInfo, String> {
     let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
         .map_err(|e| format!("no PEM CERTIFICATE REQUEST found: {e}"))?;
@@ -203,8 +212,15 @@ pub fn csr_public_key(csr_pem: &str) -> Result<rcgen::SubjectPublicKeyInfo, Stri
     }
     csr.verify_signature()
         .map_err(|e| format!("its signature does not verify with its own public key: {e}"))?;
-    rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
-        .map_err(|e| format!("unsupported public key: {e}"))
+    let key = rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+        .map_err(|e| format!("unsupported public key: {e}"))?;
+    if !ACCEPTED_KEYS.contains(&key.algorithm()) {
+        return Err(format!(
+            "public key type {:?} is not accepted; use ECDSA P-256 or P-384, or Ed25519",
+            key.algorithm()
+        ));
+    }
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -221,8 +237,22 @@ mod tests {
         let key = KeyPair::generate().unwrap();
         let pem = csr_pem(CertificateParams::default(), &key);
         let spki = csr_public_key(&pem).unwrap();
-        use rcgen::PublicKeyData;
         assert_eq!(spki.der_bytes(), key.der_bytes());
+    }
+
+    #[test]
+    fn accepts_only_key_types_the_mesh_can_use() {
+        for alg in ACCEPTED_KEYS {
+            let key = KeyPair::generate_for(alg).unwrap();
+            assert!(
+                csr_public_key(&csr_pem(CertificateParams::default(), &key)).is_ok(),
+                "{alg:?}"
+            );
+        }
+        // Made with `openssl req -new -newkey rsa:2048 -nodes`: well signed, but RSA.
+        let rsa = include_str!("../tests/fixtures/rsa-2048.csr");
+        let err = csr_public_key(rsa).unwrap_err();
+        assert!(err.contains("not accepted"), "{err}");
     }
 
     #[test]
