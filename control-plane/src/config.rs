@@ -87,6 +87,10 @@ pub struct Config {
         default_value = "meshlet"
     )]
     pub token_audience: String,
+    /// Sidecar injection settings (proxy image, resources, defaults) for `POST /inject`; the chart mounts
+    /// them from a ConfigMap. Absent: built-in defaults.
+    #[arg(long, env = "MESHLET_CONTROL_INJECT_CONFIG")]
+    pub inject_config: Option<PathBuf>,
 }
 
 impl Config {
@@ -122,6 +126,7 @@ impl Config {
             cert_ttl: Duration::from_secs(24 * 3600),
             join_tokens: None,
             token_audience: "meshlet".to_string(),
+            inject_config: None,
         }
     }
 

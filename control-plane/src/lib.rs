@@ -47,6 +47,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("cannot build the API's TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("--inject-config: {0}")]
+    Inject(#[from] meshlet::inject::InjectError),
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot listen for termination signals: {0}")]
@@ -135,6 +137,10 @@ async fn start_inner(
     let acceptor = api_tls(&config, &authority)?;
 
     let trust_bundle_pem = authority.trust_bundle_pem().to_string();
+    let inject = match &config.inject_config {
+        Some(path) => meshlet::inject::InjectConfig::from_yaml_file(path)?,
+        None => meshlet::inject::InjectConfig::default(),
+    };
     let issuance = IssuanceService::new(
         authority,
         credentials,
@@ -149,7 +155,10 @@ async fn start_inner(
         "api",
         api_listener,
         Some(acceptor),
-        Arc::new(ApiRouter { issuance }),
+        Arc::new(ApiRouter {
+            issuance,
+            inject: Arc::new(inject),
+        }),
         stopped.clone(),
     ));
     tasks.spawn(server::serve(

@@ -154,14 +154,44 @@ async fn stop_requested(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// The HTTPS API: `POST /v1/certificates`.
+/// The HTTPS API: `POST /v1/certificates` (issuance) and `POST /inject` (the mutating admission webhook).
 pub struct ApiRouter {
     /// Signs certificates for authenticated callers.
     pub issuance: IssuanceService,
+    /// What injected sidecars look like.
+    pub inject: Arc<meshlet::inject::InjectConfig>,
+}
+
+/// Largest AdmissionReview accepted (a pod spec with many containers is well under this).
+const MAX_REVIEW_BYTES: usize = 3 * 1024 * 1024;
+
+impl ApiRouter {
+    /// The admission webhook: the kube-apiserver posts an AdmissionReview, gets one back with a JSONPatch.
+    async fn inject(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        if request.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
+        }
+        match Limited::new(request.into_body(), MAX_REVIEW_BYTES)
+            .collect()
+            .await
+        {
+            Ok(body) => {
+                let review = crate::webhook::review(&body.to_bytes(), &self.inject);
+                response(StatusCode::OK, "application/json", review)
+            }
+            Err(error) => text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("cannot read the AdmissionReview: {error}\n"),
+            ),
+        }
+    }
 }
 
 impl Router for ApiRouter {
     async fn route(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        if request.uri().path() == "/inject" {
+            return self.inject(request).await;
+        }
         if request.uri().path() != ISSUE_PATH {
             return json_error(
                 StatusCode::NOT_FOUND,

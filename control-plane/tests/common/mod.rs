@@ -59,6 +59,18 @@ pub async fn post_raw(
     bearer: Option<&str>,
     body: Vec<u8>,
 ) -> (u16, Bytes) {
+    post_raw_to(addr, server_name, bundle_pem, bearer, ISSUE_PATH, body).await
+}
+
+/// Like [`post_raw`], to any path of the API.
+pub async fn post_raw_to(
+    addr: SocketAddr,
+    server_name: &str,
+    bundle_pem: &str,
+    bearer: Option<&str>,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, Bytes) {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(bundle_pem)));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from(server_name.to_string()).unwrap();
@@ -74,7 +86,7 @@ pub async fn post_raw(
         .await
         .unwrap();
     tokio::spawn(connection);
-    let mut request = http::Request::post(ISSUE_PATH)
+    let mut request = http::Request::post(path)
         .header(http::header::HOST, server_name)
         .header(http::header::CONTENT_TYPE, "application/json");
     if let Some(token) = bearer {
