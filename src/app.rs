@@ -58,6 +58,12 @@ fn init_logging(config: &ProxyArgs) -> anyhow::Result<()> {
 async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
     // Check what can be checked before binding anything: a bad setting fails start-up with its name.
     let identity = config.identity.settings()?;
+    let app_probes = match &config.app_probes {
+        Some(json) => crate::inject::probes::app_probes(json).with_context(|| {
+            format!("invalid value for MESHLET_APP_PROBES (--app-probes): {json}")
+        })?,
+        None => Default::default(),
+    };
     let mesh_config = match &config.mesh_config {
         Some(path) => MeshConfig::from_file(path)?,
         None => MeshConfig::default(),
@@ -82,6 +88,7 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
         ready: false.into(),
         config_json: serde_json::to_string_pretty(&config)?,
         shutdown: Notify::new(),
+        app_probes,
     });
     start_admin(admin_listener, state.clone())?;
 
