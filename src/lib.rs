@@ -4,5 +4,7 @@
 //! (protocol detection), `proxy` (HTTP and TCP forwarding), `metrics`, `admin`, `drain`, and `app`, which
 //! wires them together.
 
+pub mod balance;
 pub mod config;
+pub mod policy;
 pub mod tls;
