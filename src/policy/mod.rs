@@ -18,8 +18,10 @@
 //! the stack or dropping connections.
 
 pub mod body;
+pub mod breaker;
 
 pub mod config;
+pub mod limit;
 
 
 pub mod metrics;
@@ -107,6 +109,8 @@ pub enum ProxyReason {
     DedupUnavailable,
     /// The caller's request body failed while it was being read.
     BadRequestBody,
+    /// The destination service has no endpoints.
+    NoEndpoints,
 }
 
 impl ProxyReason {
@@ -121,13 +125,17 @@ impl ProxyReason {
             ProxyReason::DedupBadKey => "idempotency-key-invalid",
             ProxyReason::DedupUnavailable => "idempotency-store-unavailable",
             ProxyReason::BadRequestBody => "request-body-error",
+            ProxyReason::NoEndpoints => "no-endpoints",
         }
     }
 
     fn status(self) -> StatusCode {
         match self {
             ProxyReason::RequestTimeout | ProxyReason::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyReason::Overloaded | ProxyReason::CircuitOpen | ProxyReason::DedupUnavailable => {
+            ProxyReason::Overloaded
+            | ProxyReason::CircuitOpen
+            | ProxyReason::DedupUnavailable
+            | ProxyReason::NoEndpoints => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyReason::DedupConflict => StatusCode::CONFLICT,
@@ -214,3 +222,18 @@ impl Attempts {
 /// it so that two callers can never read each other's responses.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Caller(pub String);
+
+/// A boxed future of a policy layer.
+pub type ResponseFuture<E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, E>> + Send>>;
+
+/// Calls `inner` once, boxed. Layers whose future is an `async` block call their inner service through this:
+/// it keeps the inner future's `Send` bound out of the block's own future, where rustc cannot prove it for
+/// every lifetime of the boxed error type.
+pub(crate) fn oneshot<S, E>(inner: S, req: http::Request<Body>) -> ResponseFuture<E>
+where
+    S: tower::Service<http::Request<Body>, Response = Response<Body>, Error = E> + Send + 'static,
+    S::Future: Send,
+    E: Send + 'static,
+{
+    Box::pin(tower::ServiceExt::oneshot(inner, req))
+}

@@ -17,8 +17,6 @@
 pub mod budget;
 mod layer;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -26,7 +24,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use rand::Rng;
 use tokio::time::Instant;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 pub use layer::RetryLayer;
 
@@ -34,15 +32,12 @@ use self::budget::BudgetSlot;
 use crate::policy::body::{buffer_up_to, Buffered};
 use crate::policy::config::{RetryOn, MAX_REPLAY_BODY_BYTES};
 use crate::policy::{
-    proxy_response, Attempts, Body, Classify, Deadline, FailureKind, PolicyMetrics, ProxyReason, SharedPolicy,
+    oneshot, proxy_response, Attempts, Body, Classify, Deadline, FailureKind, PolicyMetrics, ProxyReason, SharedPolicy,
     ATTEMPTS_HEADER,
 };
 
 /// A `Retry-After` longer than this is not waited for when the request has no deadline.
 const MAX_RETRY_AFTER_WITHOUT_DEADLINE: Duration = Duration::from_secs(30);
-
-/// The future returned by [`Retry`].
-pub type ResponseFuture<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
 
 /// Sends a request again when an attempt fails in a retryable way.
 #[derive(Clone, Debug)]
@@ -62,7 +57,7 @@ where
 {
     type Response = Response<Body>;
     type Error = E;
-    type Future = ResponseFuture<E>;
+    type Future = crate::policy::ResponseFuture<E>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), E>> {
         // Each attempt waits for the inner service's readiness itself.
@@ -86,21 +81,21 @@ where
                     Ok(Buffered::TooLarge(body)) => {
                         this.metrics.body_too_large.with_label_values(&[&*this.destination]).inc();
                         attempts.set(1);
-                        let outcome = send(this.inner, Request::from_parts(parts, body)).await;
+                        let outcome = oneshot(this.inner, Request::from_parts(parts, body)).await;
                         return finish(outcome, 1);
                     }
                     Err(_) => return Ok(proxy_response(ProxyReason::BadRequestBody)),
                 }
             } else {
                 attempts.set(1);
-                let outcome = send(this.inner, Request::from_parts(parts, body)).await;
+                let outcome = oneshot(this.inner, Request::from_parts(parts, body)).await;
                 return finish(outcome, 1);
             };
             let mut attempt = 1;
             loop {
                 attempts.set(attempt);
                 let req = Request::from_parts(parts.clone(), replay.body());
-                let outcome = send(this.inner.clone(), req).await;
+                let outcome = oneshot(this.inner.clone(), req).await;
                 let Some(reason) = retry_reason(&outcome, safe, &retries.conditions) else {
                     return finish(outcome, attempt);
                 };
@@ -130,17 +125,6 @@ where
             }
         })
     }
-}
-
-/// One attempt, boxed: this keeps the inner future's `Send` bound out of the retry loop's own future, where
-/// rustc cannot prove it for every lifetime of the boxed error type.
-fn send<S, E>(inner: S, req: Request<Body>) -> ResponseFuture<E>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = E> + Send + 'static,
-    S::Future: Send,
-    E: Send + 'static,
-{
-    Box::pin(inner.oneshot(req))
 }
 
 fn finish<E>(outcome: Result<Response<Body>, E>, attempts: u32) -> Result<Response<Body>, E> {
