@@ -69,7 +69,11 @@ impl EndpointLoad {
         EndpointLoad {
             addr,
             in_flight: AtomicUsize::new(0),
-            ewma: Mutex::new(PeakEwma { estimate: DEFAULT_RTT.as_nanos() as f64, stamp: Instant::now(), observed: false }),
+            ewma: Mutex::new(PeakEwma {
+                estimate: DEFAULT_RTT.as_nanos() as f64,
+                stamp: Instant::now(),
+                observed: false,
+            }),
         }
     }
 
@@ -100,7 +104,10 @@ pub struct Endpoints {
 impl Endpoints {
     /// A set of `addrs`, whose circuit state lives in `breakers`.
     pub fn new(addrs: &[SocketAddr], breakers: Arc<BreakerTable>) -> Endpoints {
-        let endpoints = Endpoints { current: Arc::new(RwLock::new(Arc::new(Vec::new()))), breakers };
+        let endpoints = Endpoints {
+            current: Arc::new(RwLock::new(Arc::new(Vec::new()))),
+            breakers,
+        };
         endpoints.update(addrs);
         endpoints
     }
@@ -140,9 +147,16 @@ impl Endpoints {
     /// below refuses it); `None` when there are no endpoints at all.
     fn choose(&self) -> Option<Arc<EndpointLoad>> {
         let all = self.snapshot();
-        let available: Vec<&Arc<EndpointLoad>> = all.iter().filter(|e| self.breakers.is_available(&e.addr)).collect();
+        let available: Vec<&Arc<EndpointLoad>> = all
+            .iter()
+            .filter(|e| self.breakers.is_available(&e.addr))
+            .collect();
         let mut rng = rand::rng();
-        let pool = if available.is_empty() { all.iter().collect() } else { available };
+        let pool = if available.is_empty() {
+            all.iter().collect()
+        } else {
+            available
+        };
         match pool.len() {
             0 => None,
             1 => Some(pool[0].clone()),
@@ -150,7 +164,11 @@ impl Endpoints {
                 let a = rng.random_range(0..n);
                 let b = (a + rng.random_range(1..n)) % n;
                 let (a, b) = (pool[a], pool[b]);
-                Some(if a.cost() <= b.cost() { a.clone() } else { b.clone() })
+                Some(if a.cost() <= b.cost() {
+                    a.clone()
+                } else {
+                    b.clone()
+                })
             }
         }
     }
@@ -173,7 +191,10 @@ impl<S> Layer<S> for BalanceLayer {
     type Service = Balance<S>;
 
     fn layer(&self, inner: S) -> Balance<S> {
-        Balance { inner, endpoints: self.endpoints.clone() }
+        Balance {
+            inner,
+            endpoints: self.endpoints.clone(),
+        }
     }
 }
 
@@ -203,7 +224,11 @@ impl Drop for InFlight {
 /// Points `req` at `addr`: the URI's authority becomes the endpoint, `Host` keeps the original name.
 fn retarget(req: &mut Request<Body>, addr: SocketAddr) {
     if !req.headers().contains_key(http::header::HOST) {
-        if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+        if let Some(host) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
             req.headers_mut().insert(http::header::HOST, host);
         }
     }
@@ -273,7 +298,10 @@ mod tests {
         }
         endpoints.update(&[addr(2), addr(3)]);
         assert_eq!(endpoints.addrs(), vec![addr(2), addr(3)]);
-        assert!(endpoints.snapshot()[0].cost() < DEFAULT_RTT.as_nanos() as f64, "kept its estimate");
+        assert!(
+            endpoints.snapshot()[0].cost() < DEFAULT_RTT.as_nanos() as f64,
+            "kept its estimate"
+        );
     }
 
     #[test]

@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "meshlet", version, about = "A lightweight service-mesh sidecar proxy")]
+#[command(
+    name = "meshlet",
+    version,
+    about = "A lightweight service-mesh sidecar proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -27,8 +27,15 @@ impl Replayable {
         match &self.trailers {
             None => full_body(self.data.clone()),
             Some(trailers) => {
-                let frames = vec![Frame::data(self.data.clone()), Frame::trailers(trailers.clone())];
-                Prefixed { prefix: frames.into(), rest: None }.boxed()
+                let frames = vec![
+                    Frame::data(self.data.clone()),
+                    Frame::trailers(trailers.clone()),
+                ];
+                Prefixed {
+                    prefix: frames.into(),
+                    rest: None,
+                }
+                .boxed()
             }
         }
     }
@@ -61,7 +68,13 @@ pub async fn buffer_up_to(mut body: Body, limit: usize) -> Result<Buffered, BoxE
                 data.extend_from_slice(&chunk);
                 read.push_back(Frame::data(chunk));
                 if data.len() > limit {
-                    return Ok(Buffered::TooLarge(Prefixed { prefix: read, rest: Some(body) }.boxed()));
+                    return Ok(Buffered::TooLarge(
+                        Prefixed {
+                            prefix: read,
+                            rest: Some(body),
+                        }
+                        .boxed(),
+                    ));
                 }
             }
             Err(frame) => {
@@ -71,7 +84,10 @@ pub async fn buffer_up_to(mut body: Body, limit: usize) -> Result<Buffered, BoxE
             }
         }
     }
-    Ok(Buffered::Complete(Replayable { data: data.freeze(), trailers }))
+    Ok(Buffered::Complete(Replayable {
+        data: data.freeze(),
+        trailers,
+    }))
 }
 
 /// Frames already read, then the rest of the original body.
@@ -84,7 +100,10 @@ impl HttpBody for Prefixed {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(frame) = self.prefix.pop_front() {
             return Poll::Ready(Some(Ok(frame)));
         }
@@ -102,7 +121,11 @@ impl HttpBody for Prefixed {
 /// Wraps `body` so that `guard` lives until the body is finished with (sent, or dropped by the peer going
 /// away).
 pub fn with_guard<G: Send + Sync + 'static>(body: Body, guard: G) -> Body {
-    Guarded { inner: body, _guard: guard }.boxed()
+    Guarded {
+        inner: body,
+        _guard: guard,
+    }
+    .boxed()
 }
 
 struct Guarded<G> {
@@ -114,7 +137,10 @@ impl<G> HttpBody for Guarded<G> {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         // `Guarded` is Unpin: `Body` is a Box and the guard is never pinned.
         let this = self.get_mut();
         Pin::new(&mut this.inner).poll_frame(cx)
@@ -137,8 +163,10 @@ mod tests {
     use http_body_util::StreamBody;
 
     fn chunked(chunks: &[&'static str]) -> Body {
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
-            chunks.iter().map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes())))).collect();
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+            .collect();
         StreamBody::new(futures_util::stream::iter(frames)).boxed()
     }
 
@@ -154,7 +182,8 @@ mod tests {
 
     #[tokio::test]
     async fn large_bodies_come_back_whole() {
-        let Buffered::TooLarge(body) = buffer_up_to(chunked(&["ab", "cd", "ef"]), 3).await.unwrap() else {
+        let Buffered::TooLarge(body) = buffer_up_to(chunked(&["ab", "cd", "ef"]), 3).await.unwrap()
+        else {
             panic!("6 bytes do not fit in 3")
         };
         assert_eq!(body.collect().await.unwrap().to_bytes(), "abcdef");

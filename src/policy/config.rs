@@ -224,7 +224,11 @@ impl Default for Policy {
                 conditions: RetryOn::ALL.to_vec(),
                 backoff_base: Duration::from_millis(25),
                 backoff_max: Duration::from_secs(1),
-                budget: Budget { ratio: 0.2, min_per_second: 10, window: Duration::from_secs(10) },
+                budget: Budget {
+                    ratio: 0.2,
+                    min_per_second: 10,
+                    window: Duration::from_secs(10),
+                },
             },
             idempotency: Idempotency {
                 inject: false,
@@ -241,7 +245,10 @@ impl Default for Policy {
                 max_ejection: Duration::from_secs(120),
                 max_ejected_percent: 50,
             },
-            limits: Limits { max_concurrent: 1000, max_pending: 1000 },
+            limits: Limits {
+                max_concurrent: 1000,
+                max_pending: 1000,
+            },
         }
     }
 }
@@ -436,8 +443,8 @@ pub struct PolicyErrors(pub Vec<PolicyConfigError>);
 impl PolicyFile {
     /// Parses YAML (a JSON document is valid YAML too) and validates it.
     pub fn from_yaml(text: &str) -> Result<PolicyFile, PolicyErrors> {
-        let file: PolicyFile =
-            serde_yaml::from_str(text).map_err(|e| PolicyErrors(vec![PolicyConfigError::Parse(e.to_string())]))?;
+        let file: PolicyFile = serde_yaml::from_str(text)
+            .map_err(|e| PolicyErrors(vec![PolicyConfigError::Parse(e.to_string())]))?;
         file.validate()?;
         Ok(file)
     }
@@ -452,14 +459,26 @@ impl PolicyFile {
             for (i, route) in service.routes.iter().enumerate() {
                 let route_path = format!("{path}.routes[{i}]");
                 if !route.path_prefix.starts_with('/') {
-                    errors.push(invalid(&format!("{route_path}.path_prefix"), &route.path_prefix, "must start with /"));
+                    errors.push(invalid(
+                        &format!("{route_path}.path_prefix"),
+                        &route.path_prefix,
+                        "must start with /",
+                    ));
                 }
                 if let Some(method) = &route.method {
                     if Method::from_bytes(method.as_bytes()).is_err() {
-                        errors.push(invalid(&format!("{route_path}.method"), method, "is not an HTTP method"));
+                        errors.push(invalid(
+                            &format!("{route_path}.method"),
+                            method,
+                            "is not an HTTP method",
+                        ));
                     }
                 }
-                validate_overrides(&format!("{route_path}.overrides"), &route.overrides, &mut errors);
+                validate_overrides(
+                    &format!("{route_path}.overrides"),
+                    &route.overrides,
+                    &mut errors,
+                );
             }
         }
         if errors.is_empty() {
@@ -471,7 +490,11 @@ impl PolicyFile {
                     validate_resolved(&format!("services.{name}.routes[{i}]"), policy, &mut errors);
                 }
             }
-            validate_resolved("defaults", &Policy::default().merged(&self.defaults), &mut errors);
+            validate_resolved(
+                "defaults",
+                &Policy::default().merged(&self.defaults),
+                &mut errors,
+            );
         }
         if errors.is_empty() {
             Ok(())
@@ -484,7 +507,10 @@ impl PolicyFile {
     pub fn resolve(&self, service: &str) -> ServicePolicy {
         let mesh = Policy::default().merged(&self.defaults);
         let Some(config) = self.services.get(service) else {
-            return ServicePolicy { default: Arc::new(mesh), routes: Vec::new() };
+            return ServicePolicy {
+                default: Arc::new(mesh),
+                routes: Vec::new(),
+            };
         };
         let default = mesh.merged(&config.overrides());
         let routes = config
@@ -492,22 +518,36 @@ impl PolicyFile {
             .iter()
             .map(|r| {
                 let matcher = RouteMatch {
-                    method: r.method.as_ref().and_then(|m| Method::from_bytes(m.as_bytes()).ok()),
+                    method: r
+                        .method
+                        .as_ref()
+                        .and_then(|m| Method::from_bytes(m.as_bytes()).ok()),
                     path_prefix: r.path_prefix.clone(),
                 };
                 (matcher, Arc::new(default.merged(&r.overrides)))
             })
             .collect();
-        ServicePolicy { default: Arc::new(default), routes }
+        ServicePolicy {
+            default: Arc::new(default),
+            routes,
+        }
     }
 }
 
 fn out_of_range(field: &str, value: impl fmt::Display, range: &'static str) -> PolicyConfigError {
-    PolicyConfigError::OutOfRange { field: field.to_string(), value: value.to_string(), range }
+    PolicyConfigError::OutOfRange {
+        field: field.to_string(),
+        value: value.to_string(),
+        range,
+    }
 }
 
 fn invalid(field: &str, value: impl fmt::Display, reason: &str) -> PolicyConfigError {
-    PolicyConfigError::Invalid { field: field.to_string(), value: value.to_string(), reason: reason.to_string() }
+    PolicyConfigError::Invalid {
+        field: field.to_string(),
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 fn validate_overrides(path: &str, o: &PolicyOverrides, errors: &mut Vec<PolicyConfigError>) {
@@ -524,28 +564,48 @@ fn validate_overrides(path: &str, o: &PolicyOverrides, errors: &mut Vec<PolicyCo
     positive("timeouts.idle", &o.timeouts.idle, errors);
     if let Some(n) = o.retries.max_attempts {
         if !(1..=10).contains(&n) {
-            errors.push(out_of_range(&format!("{path}.retries.max_attempts"), n, "1..=10"));
+            errors.push(out_of_range(
+                &format!("{path}.retries.max_attempts"),
+                n,
+                "1..=10",
+            ));
         }
     }
     positive("retries.backoff.base", &o.retries.backoff.base, errors);
     positive("retries.backoff.max", &o.retries.backoff.max, errors);
     if let Some(r) = o.retries.budget.ratio {
         if !(0.0..=1.0).contains(&r) {
-            errors.push(out_of_range(&format!("{path}.retries.budget.ratio"), r, "0..=1"));
+            errors.push(out_of_range(
+                &format!("{path}.retries.budget.ratio"),
+                r,
+                "0..=1",
+            ));
         }
     }
     if let Some(n) = o.retries.budget.min_per_second {
         if n > 1_000_000 {
-            errors.push(out_of_range(&format!("{path}.retries.budget.min_per_second"), n, "0..=1000000"));
+            errors.push(out_of_range(
+                &format!("{path}.retries.budget.min_per_second"),
+                n,
+                "0..=1000000",
+            ));
         }
     }
     if let Some(w) = o.retries.budget.window {
         if w.0 < Duration::from_secs(1) || w.0 > Duration::from_secs(60) {
-            errors.push(out_of_range(&format!("{path}.retries.budget.window"), w, "1s..=60s"));
+            errors.push(out_of_range(
+                &format!("{path}.retries.budget.window"),
+                w,
+                "1s..=60s",
+            ));
         }
     }
     positive("idempotency.ttl", &o.idempotency.ttl, errors);
-    positive("idempotency.processing_timeout", &o.idempotency.processing_timeout, errors);
+    positive(
+        "idempotency.processing_timeout",
+        &o.idempotency.processing_timeout,
+        errors,
+    );
     for (field, value) in [
         ("idempotency.max_entries", o.idempotency.max_entries),
         ("idempotency.max_bytes", o.idempotency.max_bytes),
@@ -558,14 +618,22 @@ fn validate_overrides(path: &str, o: &PolicyOverrides, errors: &mut Vec<PolicyCo
     }
     if let Some(n) = o.breaker.consecutive_failures {
         if n == 0 {
-            errors.push(out_of_range(&format!("{path}.breaker.consecutive_failures"), n, ">= 1"));
+            errors.push(out_of_range(
+                &format!("{path}.breaker.consecutive_failures"),
+                n,
+                ">= 1",
+            ));
         }
     }
     positive("breaker.base_ejection", &o.breaker.base_ejection, errors);
     positive("breaker.max_ejection", &o.breaker.max_ejection, errors);
     if let Some(p) = o.breaker.max_ejected_percent {
         if p > 100 {
-            errors.push(out_of_range(&format!("{path}.breaker.max_ejected_percent"), p, "0..=100"));
+            errors.push(out_of_range(
+                &format!("{path}.breaker.max_ejected_percent"),
+                p,
+                "0..=100",
+            ));
         }
     }
 }
@@ -615,7 +683,10 @@ impl Policy {
         set(&mut p.retries.backoff_base, r.backoff.base.map(|d| d.0));
         set(&mut p.retries.backoff_max, r.backoff.max.map(|d| d.0));
         set(&mut p.retries.budget.ratio, r.budget.ratio);
-        set(&mut p.retries.budget.min_per_second, r.budget.min_per_second);
+        set(
+            &mut p.retries.budget.min_per_second,
+            r.budget.min_per_second,
+        );
         set(&mut p.retries.budget.window, r.budget.window.map(|d| d.0));
         let i = &o.idempotency;
         set(&mut p.idempotency.inject, i.inject);
@@ -624,7 +695,10 @@ impl Policy {
         set(&mut p.idempotency.max_entries, i.max_entries);
         set(&mut p.idempotency.max_bytes, i.max_bytes);
         set(&mut p.idempotency.max_body_bytes, i.max_body_bytes);
-        set(&mut p.idempotency.processing_timeout, i.processing_timeout.map(|d| d.0));
+        set(
+            &mut p.idempotency.processing_timeout,
+            i.processing_timeout.map(|d| d.0),
+        );
         let b = &o.breaker;
         set(&mut p.breaker.consecutive_failures, b.consecutive_failures);
         set(&mut p.breaker.base_ejection, b.base_ejection.map(|d| d.0));
@@ -664,7 +738,10 @@ pub struct ServicePolicy {
 impl ServicePolicy {
     /// One policy for every request.
     pub fn uniform(policy: Policy) -> ServicePolicy {
-        ServicePolicy { default: Arc::new(policy), routes: Vec::new() }
+        ServicePolicy {
+            default: Arc::new(policy),
+            routes: Vec::new(),
+        }
     }
 
     /// The policy for a request: the longest matching path prefix; with equal prefixes, a route naming the
@@ -672,7 +749,9 @@ impl ServicePolicy {
     pub fn for_request(&self, method: &Method, path: &str) -> &Arc<Policy> {
         let mut best: Option<(usize, bool, &Arc<Policy>)> = None;
         for (m, policy) in &self.routes {
-            if m.method.as_ref().is_some_and(|want| want != method) || !path.starts_with(&m.path_prefix) {
+            if m.method.as_ref().is_some_and(|want| want != method)
+                || !path.starts_with(&m.path_prefix)
+            {
                 continue;
             }
             let rank = (m.path_prefix.len(), m.method.is_some());
@@ -716,7 +795,10 @@ impl SharedPolicy {
         if let Some(RequestPolicy(p)) = req.extensions().get::<RequestPolicy>() {
             return p.clone();
         }
-        let policy = self.current().for_request(req.method(), req.uri().path()).clone();
+        let policy = self
+            .current()
+            .for_request(req.method(), req.uri().path())
+            .clone();
         req.extensions_mut().insert(RequestPolicy(policy.clone()));
         policy
     }
@@ -764,9 +846,20 @@ services:
         assert_eq!(get.timeouts.request, Duration::from_secs(5));
         let post = svc.for_request(&Method::POST, "/charge/1");
         assert_eq!(post.timeouts.request, Duration::from_secs(2));
-        assert_eq!(post.retries.max_attempts, 4, "a route's overrides sit on the service policy, not on other routes");
-        assert_eq!(svc.for_request(&Method::POST, "/charge/refund/9").retries.max_attempts, 1);
-        assert_eq!(svc.for_request(&Method::GET, "/other").retries.max_attempts, 4);
+        assert_eq!(
+            post.retries.max_attempts, 4,
+            "a route's overrides sit on the service policy, not on other routes"
+        );
+        assert_eq!(
+            svc.for_request(&Method::POST, "/charge/refund/9")
+                .retries
+                .max_attempts,
+            1
+        );
+        assert_eq!(
+            svc.for_request(&Method::GET, "/other").retries.max_attempts,
+            4
+        );
         let unknown = file.resolve("nobody");
         assert_eq!(unknown.default.timeouts.request, Duration::from_secs(5));
         assert!(!unknown.default.idempotency.inject);
@@ -774,37 +867,66 @@ services:
 
     #[test]
     fn out_of_range_values_name_field_and_value() {
-        let err = PolicyFile::from_yaml("services:\n  pay:\n    retries: { budget: { ratio: 7.5, window: 2m } }\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("services.pay.retries.budget.ratio: 7.5 is outside 0..=1"), "{err}");
-        assert!(err.contains("services.pay.retries.budget.window: 2m is outside 1s..=60s"), "{err}");
+        let err = PolicyFile::from_yaml(
+            "services:\n  pay:\n    retries: { budget: { ratio: 7.5, window: 2m } }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("services.pay.retries.budget.ratio: 7.5 is outside 0..=1"),
+            "{err}"
+        );
+        assert!(
+            err.contains("services.pay.retries.budget.window: 2m is outside 1s..=60s"),
+            "{err}"
+        );
         let err = PolicyFile::from_yaml(
             "services:\n  pay:\n    routes: [{ path_prefix: x, overrides: { breaker: { max_ejected_percent: 150 } } }]\n",
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("services.pay.routes[0].path_prefix: x must start with /"), "{err}");
-        assert!(err.contains("routes[0].overrides.breaker.max_ejected_percent: 150 is outside 0..=100"), "{err}");
+        assert!(
+            err.contains("services.pay.routes[0].path_prefix: x must start with /"),
+            "{err}"
+        );
+        assert!(
+            err.contains("routes[0].overrides.breaker.max_ejected_percent: 150 is outside 0..=100"),
+            "{err}"
+        );
     }
 
     #[test]
     fn cross_field_rules_use_resolved_values() {
-        let err = PolicyFile::from_yaml("defaults:\n  retries: { backoff: { max: 10ms } }\n").unwrap_err().to_string();
-        assert!(err.contains("retries.backoff.base: 25ms is above retries.backoff.max (10ms)"), "{err}");
-        let err = PolicyFile::from_yaml("services:\n  a:\n    timeouts: { request: 1s, per_try: 2s }\n")
+        let err = PolicyFile::from_yaml("defaults:\n  retries: { backoff: { max: 10ms } }\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("services.a.timeouts.per_try: 2s is above timeouts.request (1s)"), "{err}");
+        assert!(
+            err.contains("retries.backoff.base: 25ms is above retries.backoff.max (10ms)"),
+            "{err}"
+        );
+        let err =
+            PolicyFile::from_yaml("services:\n  a:\n    timeouts: { request: 1s, per_try: 2s }\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("services.a.timeouts.per_try: 2s is above timeouts.request (1s)"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_durations_and_unknown_fields_are_refused() {
-        let err = PolicyFile::from_yaml("defaults:\n  timeouts: { request: soon }\n").unwrap_err().to_string();
+        let err = PolicyFile::from_yaml("defaults:\n  timeouts: { request: soon }\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("soon"), "{err}");
-        let err = PolicyFile::from_yaml("defaults:\n  timeouts: { requets: 1s }\n").unwrap_err().to_string();
+        let err = PolicyFile::from_yaml("defaults:\n  timeouts: { requets: 1s }\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("requets"), "{err}");
-        let err = PolicyFile::from_yaml("defaults:\n  retries: { conditions: [\"418\"] }\n").unwrap_err().to_string();
+        let err = PolicyFile::from_yaml("defaults:\n  retries: { conditions: [\"418\"] }\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("418"), "{err}");
     }
 
@@ -815,7 +937,10 @@ services:
         )
         .unwrap();
         let p = file.resolve("a").default;
-        assert_eq!(p.retries.conditions, vec![RetryOn::Status503, RetryOn::ConnectFailure]);
+        assert_eq!(
+            p.retries.conditions,
+            vec![RetryOn::Status503, RetryOn::ConnectFailure]
+        );
         assert_eq!(p.limits.max_pending, 0);
     }
 
@@ -827,7 +952,16 @@ services:
         let mut changed = Policy::default();
         changed.retries.max_attempts = 1;
         shared.replace(ServicePolicy::uniform(changed));
-        assert_eq!(shared.for_request(&mut req).retries.max_attempts, before.retries.max_attempts);
-        assert_eq!(shared.for_request(&mut http::Request::new(())).retries.max_attempts, 1);
+        assert_eq!(
+            shared.for_request(&mut req).retries.max_attempts,
+            before.retries.max_attempts
+        );
+        assert_eq!(
+            shared
+                .for_request(&mut http::Request::new(()))
+                .retries
+                .max_attempts,
+            1
+        );
     }
 }

@@ -27,18 +27,31 @@ pub struct PolicyMetrics {
 impl PolicyMetrics {
     /// Creates the metrics and registers them on `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<PolicyMetrics> {
-        fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+        fn counter(
+            registry: &Registry,
+            name: &str,
+            help: &str,
+            labels: &[&str],
+        ) -> prometheus::Result<IntCounterVec> {
             let c = IntCounterVec::new(Opts::new(name, help), labels)?;
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         }
         let breaker_state = IntGaugeVec::new(
-            Opts::new("meshlet_breaker_state", "Circuit state per endpoint: 0 closed, 1 open, 2 half-open."),
+            Opts::new(
+                "meshlet_breaker_state",
+                "Circuit state per endpoint: 0 closed, 1 open, 2 half-open.",
+            ),
             &["destination", "endpoint"],
         )?;
         registry.register(Box::new(breaker_state.clone()))?;
         Ok(PolicyMetrics {
-            retries: counter(registry, "meshlet_retries_total", "Retries sent, by cause.", &["destination", "reason"])?,
+            retries: counter(
+                registry,
+                "meshlet_retries_total",
+                "Retries sent, by cause.",
+                &["destination", "reason"],
+            )?,
             budget_exhausted: counter(
                 registry,
                 "meshlet_retry_budget_exhausted_total",
@@ -51,7 +64,12 @@ impl PolicyMetrics {
                 "Requests not retryable because their body exceeded the replay buffer.",
                 &["destination"],
             )?,
-            timeouts: counter(registry, "meshlet_timeouts_total", "Timeouts, by kind.", &["destination", "kind"])?,
+            timeouts: counter(
+                registry,
+                "meshlet_timeouts_total",
+                "Timeouts, by kind.",
+                &["destination", "kind"],
+            )?,
             breaker_state,
             breaker_transitions: counter(
                 registry,
@@ -59,10 +77,12 @@ impl PolicyMetrics {
                 "Circuit state changes per endpoint.",
                 &["destination", "endpoint", "to"],
             )?,
-            dedup: counter(registry, "meshlet_dedup_total", "Idempotency-Key de-duplication outcomes.", &[
-                "destination",
-                "outcome",
-            ])?,
+            dedup: counter(
+                registry,
+                "meshlet_dedup_total",
+                "Idempotency-Key de-duplication outcomes.",
+                &["destination", "outcome"],
+            )?,
             limit_rejections: counter(
                 registry,
                 "meshlet_limit_rejections_total",
@@ -74,6 +94,7 @@ impl PolicyMetrics {
 
     /// Metrics on a private registry, for tests and tools that do not export them.
     pub fn unregistered() -> PolicyMetrics {
-        PolicyMetrics::register(&Registry::new()).unwrap_or_else(|e| unreachable!("fresh registry: {e}"))
+        PolicyMetrics::register(&Registry::new())
+            .unwrap_or_else(|e| unreachable!("fresh registry: {e}"))
     }
 }

@@ -21,8 +21,8 @@ pub mod body;
 pub mod breaker;
 
 pub mod config;
+pub mod idempotency;
 pub mod limit;
-
 
 pub mod metrics;
 pub mod retry;
@@ -77,7 +77,10 @@ impl FailureKind {
     /// True when the request provably never reached the upstream application, so that sending it again is
     /// safe whatever its method.
     pub fn never_reached_upstream(self) -> bool {
-        matches!(self, FailureKind::ConnectRefused | FailureKind::ConnectTimeout | FailureKind::RefusedStream)
+        matches!(
+            self,
+            FailureKind::ConnectRefused | FailureKind::ConnectTimeout | FailureKind::RefusedStream
+        )
     }
 }
 
@@ -135,9 +138,7 @@ impl ProxyReason {
             ProxyReason::Overloaded
             | ProxyReason::CircuitOpen
             | ProxyReason::DedupUnavailable
-            | ProxyReason::NoEndpoints => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            | ProxyReason::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
             ProxyReason::DedupConflict => StatusCode::CONFLICT,
             ProxyReason::DedupMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             ProxyReason::DedupBadKey | ProxyReason::BadRequestBody => StatusCode::BAD_REQUEST,
@@ -155,13 +156,18 @@ pub fn proxy_response(reason: ProxyReason) -> Response<Body> {
         | ProxyReason::DedupBadKey
         | ProxyReason::DedupUnavailable => {
             let (title, detail) = match reason {
-                ProxyReason::DedupConflict => {
-                    ("A request with this Idempotency-Key is being processed", "Retry later.")
-                }
-                ProxyReason::DedupMismatch => {
-                    ("Idempotency-Key is already used", "The key was used with a different request.")
-                }
-                ProxyReason::DedupBadKey => ("Idempotency-Key is invalid", "Send an sf-string of at most 255 bytes."),
+                ProxyReason::DedupConflict => (
+                    "A request with this Idempotency-Key is being processed",
+                    "Retry later.",
+                ),
+                ProxyReason::DedupMismatch => (
+                    "Idempotency-Key is already used",
+                    "The key was used with a different request.",
+                ),
+                ProxyReason::DedupBadKey => (
+                    "Idempotency-Key is invalid",
+                    "Send an sf-string of at most 255 bytes.",
+                ),
                 _ => ("Idempotency store unavailable", "Retry later."),
             };
             let json = serde_json::json!({
@@ -177,7 +183,10 @@ pub fn proxy_response(reason: ProxyReason) -> Response<Body> {
     let mut resp = Response::new(full_body(Bytes::from(body)));
     *resp.status_mut() = reason.status();
     let headers = resp.headers_mut();
-    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
     headers.insert(ERROR_HEADER, HeaderValue::from_static(reason.as_str()));
     match reason {
         ProxyReason::RequestTimeout => {
@@ -224,7 +233,8 @@ impl Attempts {
 pub struct Caller(pub String);
 
 /// A boxed future of a policy layer.
-pub type ResponseFuture<E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, E>> + Send>>;
+pub type ResponseFuture<E> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, E>> + Send>>;
 
 /// Calls `inner` once, boxed. Layers whose future is an `async` block call their inner service through this:
 /// it keeps the inner future's `Send` bound out of the block's own future, where rustc cannot prove it for

@@ -37,7 +37,10 @@ struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Health { state: State::Closed { failures: 0 }, ejections: 0 }
+        Health {
+            state: State::Closed { failures: 0 },
+            ejections: 0,
+        }
     }
 }
 
@@ -62,7 +65,11 @@ impl BreakerTable {
     /// An empty table for `destination` (the metric label); endpoints are added by
     /// [`BreakerTable::set_endpoints`] or on first use.
     pub fn new(destination: &str, metrics: PolicyMetrics) -> BreakerTable {
-        BreakerTable { endpoints: Mutex::new(HashMap::new()), metrics, destination: Arc::from(destination) }
+        BreakerTable {
+            endpoints: Mutex::new(HashMap::new()),
+            metrics,
+            destination: Arc::from(destination),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, Health>> {
@@ -78,7 +85,10 @@ impl BreakerTable {
         table.retain(|addr, _| {
             let keep = addrs.contains(addr);
             if !keep {
-                let _ = self.metrics.breaker_state.remove_label_values(&[&*self.destination, &addr.to_string()]);
+                let _ = self
+                    .metrics
+                    .breaker_state
+                    .remove_label_values(&[&*self.destination, &addr.to_string()]);
             }
             keep
         });
@@ -122,11 +132,22 @@ impl BreakerTable {
     }
 
     /// Records the outcome of an admitted request.
-    pub fn record(&self, addr: &SocketAddr, admission: Admission, success: bool, config: &BreakerConfig) {
+    pub fn record(
+        &self,
+        addr: &SocketAddr,
+        admission: Admission,
+        success: bool,
+        config: &BreakerConfig,
+    ) {
         let mut table = self.lock();
         let total = table.len();
-        let ejected = table.values().filter(|h| !matches!(h.state, State::Closed { .. })).count();
-        let Some(health) = table.get_mut(addr) else { return };
+        let ejected = table
+            .values()
+            .filter(|h| !matches!(h.state, State::Closed { .. }))
+            .count();
+        let Some(health) = table.get_mut(addr) else {
+            return;
+        };
         let change = match (health.state, success) {
             (State::Closed { .. }, true) => {
                 health.state = State::Closed { failures: 0 };
@@ -134,9 +155,12 @@ impl BreakerTable {
             }
             (State::Closed { failures }, false) => {
                 let failures = failures.saturating_add(1);
-                let may_eject = total <= 1 || (ejected + 1) * 100 <= total * config.max_ejected_percent as usize;
+                let may_eject = total <= 1
+                    || (ejected + 1) * 100 <= total * config.max_ejected_percent as usize;
                 if failures >= config.consecutive_failures && may_eject {
-                    health.state = State::Open { until: Instant::now() + ejection_time(health.ejections, config) };
+                    health.state = State::Open {
+                        until: Instant::now() + ejection_time(health.ejections, config),
+                    };
                     health.ejections = health.ejections.saturating_add(1);
                     Some(("open", 1))
                 } else {
@@ -149,7 +173,9 @@ impl BreakerTable {
                 Some(("closed", 0))
             }
             (State::HalfOpen { .. }, false) if admission == Admission::Probe => {
-                health.state = State::Open { until: Instant::now() + ejection_time(health.ejections, config) };
+                health.state = State::Open {
+                    until: Instant::now() + ejection_time(health.ejections, config),
+                };
                 health.ejections = health.ejections.saturating_add(1);
                 Some(("open", 1))
             }
@@ -164,19 +190,28 @@ impl BreakerTable {
 
     fn transition(&self, addr: &SocketAddr, to: &str, gauge: i64) {
         let endpoint = addr.to_string();
-        self.metrics.breaker_transitions.with_label_values(&[&*self.destination, &endpoint, to]).inc();
+        self.metrics
+            .breaker_transitions
+            .with_label_values(&[&*self.destination, &endpoint, to])
+            .inc();
         self.gauge(addr, gauge);
     }
 
     fn gauge(&self, addr: &SocketAddr, value: i64) {
-        self.metrics.breaker_state.with_label_values(&[&*self.destination, &addr.to_string()]).set(value);
+        self.metrics
+            .breaker_state
+            .with_label_values(&[&*self.destination, &addr.to_string()])
+            .set(value);
     }
 }
 
 /// `base × 2^ejections`, capped at `max`, then jittered down by up to a quarter so that endpoints ejected
 /// together are not probed together.
 fn ejection_time(ejections: u32, config: &BreakerConfig) -> Duration {
-    let full = config.base_ejection.saturating_mul(1u32 << ejections.min(20)).min(config.max_ejection);
+    let full = config
+        .base_ejection
+        .saturating_mul(1u32 << ejections.min(20))
+        .min(config.max_ejection);
     let jitter = rand::rng().random_range(0.0..0.25);
     full.mul_f64(1.0 - jitter)
 }
@@ -192,7 +227,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_after_n_failures_then_one_probe_closes_it() {
-        let config = BreakerConfig { consecutive_failures: 3, ..Policy::default().breaker };
+        let config = BreakerConfig {
+            consecutive_failures: 3,
+            ..Policy::default().breaker
+        };
         let table = BreakerTable::new("svc", PolicyMetrics::unregistered());
         table.set_endpoints(&[addr(1)]);
         for _ in 0..3 {
@@ -202,7 +240,11 @@ mod tests {
         assert_eq!(table.admit(&addr(1)), None, "ejected");
         tokio::time::advance(config.base_ejection).await;
         assert_eq!(table.admit(&addr(1)), Some(Admission::Probe));
-        assert_eq!(table.admit(&addr(1)), None, "exactly one probe while half-open");
+        assert_eq!(
+            table.admit(&addr(1)),
+            None,
+            "exactly one probe while half-open"
+        );
         table.record(&addr(1), Admission::Probe, true, &config);
         assert_eq!(table.admit(&addr(1)), Some(Admission::Normal));
     }
@@ -211,7 +253,10 @@ mod tests {
     fn ejections_grow_up_to_the_max_with_jitter() {
         let config = Policy::default().breaker;
         for ejections in 0..10u32 {
-            let full = config.base_ejection.saturating_mul(1 << ejections).min(config.max_ejection);
+            let full = config
+                .base_ejection
+                .saturating_mul(1 << ejections)
+                .min(config.max_ejection);
             let t = ejection_time(ejections, &config);
             assert!(t <= full && t >= full.mul_f64(0.75), "{t:?} vs {full:?}");
         }
@@ -219,7 +264,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn never_ejects_more_than_the_allowed_share() {
-        let config = BreakerConfig { consecutive_failures: 1, max_ejected_percent: 50, ..Policy::default().breaker };
+        let config = BreakerConfig {
+            consecutive_failures: 1,
+            max_ejected_percent: 50,
+            ..Policy::default().breaker
+        };
         let table = BreakerTable::new("svc", PolicyMetrics::unregistered());
         table.set_endpoints(&[addr(1), addr(2), addr(3), addr(4)]);
         for port in 1..=4 {

@@ -24,6 +24,10 @@ impl<S> Layer<S> for CircuitBreakerLayer {
     type Service = CircuitBreaker<S>;
 
     fn layer(&self, inner: S) -> CircuitBreaker<S> {
-        CircuitBreaker { inner, table: self.table.clone(), policy: self.policy.clone() }
+        CircuitBreaker {
+            inner,
+            table: self.table.clone(),
+            policy: self.policy.clone(),
+        }
     }
 }

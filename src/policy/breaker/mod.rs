@@ -34,7 +34,10 @@ impl Endpoint {
         }
         let authority = req.uri().authority()?;
         let port = authority.port_u16().unwrap_or(80);
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         Some(SocketAddr::new(host.parse().ok()?, port))
     }
 }
@@ -59,14 +62,16 @@ struct Outcome {
 impl Outcome {
     fn record(mut self, success: bool) {
         self.recorded = true;
-        self.table.record(&self.addr, self.admission, success, &self.config);
+        self.table
+            .record(&self.addr, self.admission, success, &self.config);
     }
 }
 
 impl Drop for Outcome {
     fn drop(&mut self) {
         if !self.recorded {
-            self.table.record(&self.addr, self.admission, false, &self.config);
+            self.table
+                .record(&self.addr, self.admission, false, &self.config);
         }
     }
 }
@@ -76,7 +81,10 @@ fn is_failure(resp: &Response<Body>) -> bool {
     matches!(
         resp.status(),
         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
-    ) || resp.headers().get("grpc-status").is_some_and(|v| v.as_bytes() == b"14")
+    ) || resp
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"14")
 }
 
 impl<S, E> Service<Request<Body>> for CircuitBreaker<S>
@@ -102,7 +110,13 @@ where
         let Some(admission) = self.table.admit(&addr) else {
             return Box::pin(async { Ok(proxy_response(ProxyReason::CircuitOpen)) });
         };
-        let outcome = Outcome { table: self.table.clone(), addr, admission, config, recorded: false };
+        let outcome = Outcome {
+            table: self.table.clone(),
+            addr,
+            admission,
+            config,
+            recorded: false,
+        };
         Box::pin(async move {
             let result = oneshot(inner, req).await;
             outcome.record(matches!(&result, Ok(resp) if !is_failure(resp)));

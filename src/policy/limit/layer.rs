@@ -15,7 +15,9 @@ pub struct ConcurrencyLimitLayer {
 impl ConcurrencyLimitLayer {
     /// A layer for `destination` (the metric label).
     pub fn new(destination: &str, policy: SharedPolicy, metrics: PolicyMetrics) -> Self {
-        ConcurrencyLimitLayer { state: Arc::new(LimitState::new(destination, policy, metrics)) }
+        ConcurrencyLimitLayer {
+            state: Arc::new(LimitState::new(destination, policy, metrics)),
+        }
     }
 }
 
@@ -23,6 +25,9 @@ impl<S> Layer<S> for ConcurrencyLimitLayer {
     type Service = ConcurrencyLimit<S>;
 
     fn layer(&self, inner: S) -> ConcurrencyLimit<S> {
-        ConcurrencyLimit { inner, state: self.state.clone() }
+        ConcurrencyLimit {
+            inner,
+            state: self.state.clone(),
+        }
     }
 }

@@ -71,7 +71,10 @@ impl LimitState {
     }
 
     fn reject(&self) {
-        self.metrics.limit_rejections.with_label_values(&[&*self.destination, "overloaded"]).inc();
+        self.metrics
+            .limit_rejections
+            .with_label_values(&[&*self.destination, "overloaded"])
+            .inc();
     }
 }
 
@@ -174,12 +177,20 @@ mod tests {
         tokio::task::yield_now().await;
         let second = tokio::spawn(svc.clone().oneshot(Request::new(full_body("".into()))));
         tokio::task::yield_now().await;
-        let third = svc.clone().oneshot(Request::new(full_body("".into()))).await.unwrap();
+        let third = svc
+            .clone()
+            .oneshot(Request::new(full_body("".into())))
+            .await
+            .unwrap();
         assert_eq!(third.status(), 503);
         assert_eq!(third.headers()[ERROR_HEADER], "overloaded");
         release_tx.send(()).unwrap();
         let first = first.await.unwrap().unwrap();
         drop(first);
-        assert_eq!(second.await.unwrap().unwrap().status(), 200, "the queued request ran once a slot was free");
+        assert_eq!(
+            second.await.unwrap().unwrap().status(),
+            200,
+            "the queued request ran once a slot was free"
+        );
     }
 }

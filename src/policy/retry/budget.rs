@@ -35,8 +35,15 @@ impl BudgetSlot {
                 return budget.clone();
             }
         }
-        let window = settings.window.clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
-        let ratio = if settings.ratio.is_finite() { settings.ratio.clamp(0.0, 1.0) } else { 0.0 };
+        let window = settings.window.clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+        );
+        let ratio = if settings.ratio.is_finite() {
+            settings.ratio.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let min_per_second = settings.min_per_second.min(i32::MAX as u32 - 1);
         let budget = Arc::new(TpsBudget::new(window, min_per_second, ratio));
         *current = Some((settings.clone(), budget.clone()));
@@ -62,7 +69,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn budget_allows_the_ratio_plus_the_floor() {
         let slot = BudgetSlot::default();
-        let settings = Budget { ratio: 0.2, min_per_second: 1, window: Duration::from_secs(10) };
+        let settings = Budget {
+            ratio: 0.2,
+            min_per_second: 1,
+            window: Duration::from_secs(10),
+        };
         let budget = slot.get(&settings);
         for _ in 0..100 {
             deposit(&budget);
@@ -73,14 +84,24 @@ mod tests {
         }
         // 20% of 100 requests plus a floor of 1/s over the 10 s window.
         assert!((20..=30).contains(&retries), "{retries}");
-        assert!(Arc::ptr_eq(&budget, &slot.get(&settings)), "same settings, same budget");
-        let changed = Budget { ratio: 0.5, ..settings };
+        assert!(
+            Arc::ptr_eq(&budget, &slot.get(&settings)),
+            "same settings, same budget"
+        );
+        let changed = Budget {
+            ratio: 0.5,
+            ..settings
+        };
         assert!(!Arc::ptr_eq(&budget, &slot.get(&changed)));
     }
 
     #[test]
     fn out_of_range_settings_do_not_panic() {
         let slot = BudgetSlot::default();
-        slot.get(&Budget { ratio: f32::NAN, min_per_second: u32::MAX, window: Duration::ZERO });
+        slot.get(&Budget {
+            ratio: f32::NAN,
+            min_per_second: u32::MAX,
+            window: Duration::ZERO,
+        });
     }
 }

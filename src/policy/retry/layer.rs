@@ -18,7 +18,12 @@ pub struct RetryLayer {
 impl RetryLayer {
     /// A layer for `destination` (the metric label).
     pub fn new(destination: &str, policy: SharedPolicy, metrics: PolicyMetrics) -> Self {
-        RetryLayer { policy, metrics, destination: Arc::from(destination), budget: Arc::new(BudgetSlot::default()) }
+        RetryLayer {
+            policy,
+            metrics,
+            destination: Arc::from(destination),
+            budget: Arc::new(BudgetSlot::default()),
+        }
     }
 }
 

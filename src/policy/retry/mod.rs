@@ -32,8 +32,8 @@ use self::budget::BudgetSlot;
 use crate::policy::body::{buffer_up_to, Buffered};
 use crate::policy::config::{RetryOn, MAX_REPLAY_BODY_BYTES};
 use crate::policy::{
-    oneshot, proxy_response, Attempts, Body, Classify, Deadline, FailureKind, PolicyMetrics, ProxyReason, SharedPolicy,
-    ATTEMPTS_HEADER,
+    oneshot, proxy_response, Attempts, Body, Classify, Deadline, FailureKind, PolicyMetrics,
+    ProxyReason, SharedPolicy, ATTEMPTS_HEADER,
 };
 
 /// A `Retry-After` longer than this is not waited for when the request has no deadline.
@@ -66,11 +66,17 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let policy = self.policy.for_request(&mut req);
-        let budget = self.budget.get(&self.policy.current().default.retries.budget);
+        let budget = self
+            .budget
+            .get(&self.policy.current().default.retries.budget);
         budget::deposit(&budget);
         let this = self.clone();
         Box::pin(async move {
-            let attempts = req.extensions().get::<Attempts>().cloned().unwrap_or_default();
+            let attempts = req
+                .extensions()
+                .get::<Attempts>()
+                .cloned()
+                .unwrap_or_default();
             let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
             let retries = &policy.retries;
             let safe = is_retry_safe(req.method(), req.headers());
@@ -79,7 +85,10 @@ where
                 match buffer_up_to(body, MAX_REPLAY_BODY_BYTES).await {
                     Ok(Buffered::Complete(replay)) => replay,
                     Ok(Buffered::TooLarge(body)) => {
-                        this.metrics.body_too_large.with_label_values(&[&*this.destination]).inc();
+                        this.metrics
+                            .body_too_large
+                            .with_label_values(&[&*this.destination])
+                            .inc();
                         attempts.set(1);
                         let outcome = oneshot(this.inner, Request::from_parts(parts, body)).await;
                         return finish(outcome, 1);
@@ -115,10 +124,16 @@ where
                     return finish(outcome, attempt);
                 }
                 if !budget::withdraw(&budget) {
-                    this.metrics.budget_exhausted.with_label_values(&[&*this.destination]).inc();
+                    this.metrics
+                        .budget_exhausted
+                        .with_label_values(&[&*this.destination])
+                        .inc();
                     return finish(outcome, attempt);
                 }
-                this.metrics.retries.with_label_values(&[&*this.destination, reason.as_str()]).inc();
+                this.metrics
+                    .retries
+                    .with_label_values(&[&*this.destination, reason.as_str()])
+                    .inc();
                 drop(outcome);
                 tokio::time::sleep(delay).await;
                 attempt += 1;
@@ -129,7 +144,8 @@ where
 
 fn finish<E>(outcome: Result<Response<Body>, E>, attempts: u32) -> Result<Response<Body>, E> {
     outcome.map(|mut resp| {
-        resp.headers_mut().insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
+        resp.headers_mut()
+            .insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
         resp
     })
 }
@@ -137,16 +153,27 @@ fn finish<E>(outcome: Result<Response<Body>, E>, attempts: u32) -> Result<Respon
 /// True when sending the request twice cannot cause a second effect by itself.
 pub fn is_retry_safe(method: &Method, headers: &HeaderMap) -> bool {
     match *method {
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE => true,
-        _ => headers.contains_key("idempotency-key"),
+        Method::GET
+        | Method::HEAD
+        | Method::OPTIONS
+        | Method::TRACE
+        | Method::PUT
+        | Method::DELETE => true,
+        _ => headers.contains_key(crate::policy::idempotency::IDEMPOTENCY_KEY),
     }
 }
 
 /// Why this outcome should be retried, if it should.
-fn retry_reason<E: Classify>(outcome: &Result<Response<Body>, E>, safe: bool, conditions: &[RetryOn]) -> Option<RetryOn> {
+fn retry_reason<E: Classify>(
+    outcome: &Result<Response<Body>, E>,
+    safe: bool,
+    conditions: &[RetryOn],
+) -> Option<RetryOn> {
     let (condition, needs_safe) = match outcome {
         Err(e) => match e.failure_kind() {
-            FailureKind::ConnectRefused | FailureKind::ConnectTimeout => (RetryOn::ConnectFailure, false),
+            FailureKind::ConnectRefused | FailureKind::ConnectTimeout => {
+                (RetryOn::ConnectFailure, false)
+            }
             FailureKind::RefusedStream => (RetryOn::RefusedStream, false),
             FailureKind::ResetBeforeResponse => (RetryOn::Reset, true),
             FailureKind::ResponseTimeout => (RetryOn::PerTryTimeout, true),
@@ -159,7 +186,11 @@ fn retry_reason<E: Classify>(outcome: &Result<Response<Body>, E>, safe: bool, co
                 StatusCode::BAD_GATEWAY => (RetryOn::Status502, true),
                 StatusCode::SERVICE_UNAVAILABLE => (RetryOn::Status503, true),
                 StatusCode::GATEWAY_TIMEOUT => (RetryOn::Status504, true),
-                _ if resp.headers().get("grpc-status").is_some_and(|v| v.as_bytes() == b"14") => {
+                _ if resp
+                    .headers()
+                    .get("grpc-status")
+                    .is_some_and(|v| v.as_bytes() == b"14") =>
+                {
                     (RetryOn::GrpcUnavailable, true)
                 }
                 _ => return None,
@@ -172,19 +203,28 @@ fn retry_reason<E: Classify>(outcome: &Result<Response<Body>, E>, safe: bool, co
 /// Full jitter: a uniformly random wait between zero and `base × 2^(retry - 1)`, capped at `max`, so that
 /// clients that failed together do not retry together.
 pub fn backoff(retry: u32, base: Duration, max: Duration) -> Duration {
-    let ceiling = base.saturating_mul(1u32 << retry.saturating_sub(1).min(20)).min(max);
+    let ceiling = base
+        .saturating_mul(1u32 << retry.saturating_sub(1).min(20))
+        .min(max);
     let nanos = ceiling.as_nanos().min(u64::MAX as u128) as u64;
     Duration::from_nanos(rand::rng().random_range(0..=nanos))
 }
 
 /// `Retry-After` as seconds or an HTTP date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 #[cfg(test)]
@@ -208,24 +248,47 @@ mod tests {
     #[test]
     fn only_safe_requests_retry_after_reaching_the_upstream() {
         let all = RetryOn::ALL;
-        assert_eq!(retry_reason(&status(503), true, &all), Some(RetryOn::Status503));
+        assert_eq!(
+            retry_reason(&status(503), true, &all),
+            Some(RetryOn::Status503)
+        );
         assert_eq!(retry_reason(&status(503), false, &all), None);
         assert_eq!(retry_reason(&status(500), true, &all), None);
-        assert_eq!(retry_reason(&status(503), true, &[RetryOn::Status502]), None);
+        assert_eq!(
+            retry_reason(&status(503), true, &[RetryOn::Status502]),
+            None
+        );
         let refused: Result<Response<Body>, _> = Err(Failure(FailureKind::ConnectRefused));
-        assert_eq!(retry_reason(&refused, false, &all), Some(RetryOn::ConnectFailure));
+        assert_eq!(
+            retry_reason(&refused, false, &all),
+            Some(RetryOn::ConnectFailure)
+        );
         let reset: Result<Response<Body>, _> = Err(Failure(FailureKind::ResetBeforeResponse));
         assert_eq!(retry_reason(&reset, false, &all), None);
         assert_eq!(retry_reason(&reset, true, &all), Some(RetryOn::Reset));
         let late: Result<Response<Body>, _> = Err(Failure(FailureKind::ResetAfterResponseStarted));
         assert_eq!(retry_reason(&late, true, &all), None);
         let circuit: Result<Response<Body>, Failure> = Ok(proxy_response(ProxyReason::CircuitOpen));
-        assert_eq!(retry_reason(&circuit, true, &all), None, "proxy answers other than per-try timeouts are final");
-        let per_try: Result<Response<Body>, Failure> = Ok(proxy_response(ProxyReason::PerTryTimeout));
-        assert_eq!(retry_reason(&per_try, true, &all), Some(RetryOn::PerTryTimeout));
+        assert_eq!(
+            retry_reason(&circuit, true, &all),
+            None,
+            "proxy answers other than per-try timeouts are final"
+        );
+        let per_try: Result<Response<Body>, Failure> =
+            Ok(proxy_response(ProxyReason::PerTryTimeout));
+        assert_eq!(
+            retry_reason(&per_try, true, &all),
+            Some(RetryOn::PerTryTimeout)
+        );
         let mut grpc = status(200);
-        grpc.as_mut().unwrap().headers_mut().insert("grpc-status", HeaderValue::from_static("14"));
-        assert_eq!(retry_reason(&grpc, true, &all), Some(RetryOn::GrpcUnavailable));
+        grpc.as_mut()
+            .unwrap()
+            .headers_mut()
+            .insert("grpc-status", HeaderValue::from_static("14"));
+        assert_eq!(
+            retry_reason(&grpc, true, &all),
+            Some(RetryOn::GrpcUnavailable)
+        );
     }
 
     #[test]
@@ -261,7 +324,10 @@ mod tests {
         let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
         h.insert("retry-after", HeaderValue::from_str(&later).unwrap());
         let d = retry_after(&h).unwrap();
-        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
         h.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
     }

@@ -16,8 +16,18 @@ pub struct TimeoutLayer {
 
 impl TimeoutLayer {
     /// A layer for `destination` (the metric label) that applies the given kind of timeout.
-    pub fn new(kind: TimeoutKind, destination: &str, policy: SharedPolicy, metrics: PolicyMetrics) -> Self {
-        TimeoutLayer { kind, policy, metrics, destination: Arc::from(destination) }
+    pub fn new(
+        kind: TimeoutKind,
+        destination: &str,
+        policy: SharedPolicy,
+        metrics: PolicyMetrics,
+    ) -> Self {
+        TimeoutLayer {
+            kind,
+            policy,
+            metrics,
+            destination: Arc::from(destination),
+        }
     }
 }
 

@@ -72,7 +72,9 @@ where
                 (Some(deadline), ProxyReason::RequestTimeout)
             }
             TimeoutKind::PerTry => match (policy.timeouts.per_try.map(|d| now + d), outer) {
-                (Some(per_try), Some(outer)) if per_try < outer => (Some(per_try), ProxyReason::PerTryTimeout),
+                (Some(per_try), Some(outer)) if per_try < outer => {
+                    (Some(per_try), ProxyReason::PerTryTimeout)
+                }
                 (Some(per_try), None) => (Some(per_try), ProxyReason::PerTryTimeout),
                 (_, outer) => (outer, ProxyReason::RequestTimeout),
             },
@@ -98,7 +100,9 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// The caller's own deadline, from `grpc-timeout` or [`DEADLINE_HEADER`]. Malformed values are ignored.
 fn caller_deadline(headers: &HeaderMap) -> Option<Duration> {
-    let grpc = headers.get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.to_str().ok()?));
+    let grpc = headers
+        .get("grpc-timeout")
+        .and_then(|v| parse_grpc_timeout(v.to_str().ok()?));
     let meshlet = headers
         .get(DEADLINE_HEADER)
         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
@@ -149,7 +153,10 @@ fn propagate_deadline(headers: &mut HeaderMap, remaining: Duration) {
             headers.insert("grpc-timeout", v);
         }
     } else {
-        headers.insert(DEADLINE_HEADER, HeaderValue::from(remaining.as_millis().min(u64::MAX as u128) as u64));
+        headers.insert(
+            DEADLINE_HEADER,
+            HeaderValue::from(remaining.as_millis().min(u64::MAX as u128) as u64),
+        );
     }
 }
 
@@ -169,14 +176,22 @@ mod tests {
         assert_eq!(parse_grpc_timeout("m"), None);
         assert_eq!(parse_grpc_timeout("1é"), None);
         assert_eq!(format_grpc_timeout(Duration::from_millis(1500)), "1500m");
-        assert_eq!(parse_grpc_timeout(&format_grpc_timeout(Duration::from_secs(200_000))), Some(Duration::from_secs(200_000)));
+        assert_eq!(
+            parse_grpc_timeout(&format_grpc_timeout(Duration::from_secs(200_000))),
+            Some(Duration::from_secs(200_000))
+        );
     }
 
     fn layer(kind: TimeoutKind, request: u64, per_try: Option<u64>) -> TimeoutLayer {
         let mut p = Policy::default();
         p.timeouts.request = Duration::from_millis(request);
         p.timeouts.per_try = per_try.map(Duration::from_millis);
-        TimeoutLayer::new(kind, "svc", SharedPolicy::new(ServicePolicy::uniform(p)), PolicyMetrics::unregistered())
+        TimeoutLayer::new(
+            kind,
+            "svc",
+            SharedPolicy::new(ServicePolicy::uniform(p)),
+            PolicyMetrics::unregistered(),
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -187,7 +202,10 @@ mod tests {
         });
         let per_try = layer(TimeoutKind::PerTry, 1000, Some(100)).layer(slow);
         let stack = layer(TimeoutKind::Request, 1000, Some(100)).layer(per_try);
-        let resp = stack.oneshot(Request::new(full_body("".into()))).await.unwrap();
+        let resp = stack
+            .oneshot(Request::new(full_body("".into())))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 504);
         assert_eq!(resp.headers()[ERROR_HEADER], "timeout");
         assert_eq!(resp.headers()[TIMEOUT_HEADER], "per-try");
@@ -201,10 +219,15 @@ mod tests {
         });
         let stack = layer(TimeoutKind::Request, 10_000, None).layer(seen);
         let mut req = Request::new(full_body("".into()));
-        req.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
-        req.headers_mut().insert("grpc-timeout", HeaderValue::from_static("300m"));
+        req.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        req.headers_mut()
+            .insert("grpc-timeout", HeaderValue::from_static("300m"));
         let resp = stack.oneshot(req).await.unwrap();
-        let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
         assert_eq!(body, "300m");
     }
 }
