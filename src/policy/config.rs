@@ -84,11 +84,15 @@ pub enum RetryOn {
     /// A gRPC response whose headers carry `grpc-status: 14` (UNAVAILABLE, a trailers-only response).
     #[serde(rename = "grpc-unavailable")]
     GrpcUnavailable,
+    /// A receiving meshlet answered 409 `idempotency-conflict`: the first attempt of this keyed request is
+    /// still being processed there, and a later attempt will get its response.
+    #[serde(rename = "idempotency-conflict")]
+    IdempotencyConflict,
 }
 
 impl RetryOn {
     /// Every condition; the default set.
-    pub const ALL: [RetryOn; 8] = [
+    pub const ALL: [RetryOn; 9] = [
         RetryOn::ConnectFailure,
         RetryOn::RefusedStream,
         RetryOn::Reset,
@@ -97,6 +101,7 @@ impl RetryOn {
         RetryOn::Status503,
         RetryOn::Status504,
         RetryOn::GrpcUnavailable,
+        RetryOn::IdempotencyConflict,
     ];
 
     /// The metric label for retries caused by this condition.
@@ -110,6 +115,7 @@ impl RetryOn {
             RetryOn::Status503 => "503",
             RetryOn::Status504 => "504",
             RetryOn::GrpcUnavailable => "grpc-unavailable",
+            RetryOn::IdempotencyConflict => "idempotency-conflict",
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod limit;
 
 pub mod metrics;
 pub mod retry;
+pub mod stack;
 pub mod timeout;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -37,6 +38,7 @@ use http_body_util::{BodyExt, Full};
 
 pub use config::{Policy, PolicyFile, ServicePolicy, SharedPolicy};
 pub use metrics::PolicyMetrics;
+pub use stack::{send, DestinationPolicy, PolicyService};
 
 /// Any error, boxed.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

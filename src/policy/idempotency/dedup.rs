@@ -111,11 +111,10 @@ where
                 .map(|c| c.0.as_str())
                 .unwrap_or("unknown");
             let key = store_key(caller, &key);
-            let until = req
-                .extensions()
-                .get::<Deadline>()
-                .map(|d| d.0)
-                .unwrap_or_else(|| Instant::now() + settings.processing_timeout);
+            let until = wait_until(
+                req.extensions().get::<Deadline>(),
+                settings.processing_timeout,
+            );
             let (parts, body) = req.into_parts();
             let body = match buffer_up_to(body, settings.max_body_bytes).await {
                 Ok(Buffered::Complete(body)) => body,
@@ -289,6 +288,15 @@ async fn release(store: &dyn DedupStore, key: &str, token: &ClaimToken) {
     if let Err(e) = store.release(key, token).await {
         tracing::warn!(error = %e, "could not release an idempotency key");
     }
+}
+
+/// How long a duplicate may wait for the first request: until shortly before its own deadline, leaving time
+/// to answer 409 before the caller gives up.
+fn wait_until(deadline: Option<&Deadline>, processing_timeout: Duration) -> Instant {
+    let now = Instant::now();
+    let deadline = deadline.map(|d| d.0).unwrap_or(now + processing_timeout);
+    let margin = (deadline.saturating_duration_since(now) / 10).min(Duration::from_millis(50));
+    deadline - margin
 }
 
 /// A body that fails with `error`: the upstream's body broke while it was being read for storage.

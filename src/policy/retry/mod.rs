@@ -33,7 +33,7 @@ use crate::policy::body::{buffer_up_to, Buffered};
 use crate::policy::config::{RetryOn, MAX_REPLAY_BODY_BYTES};
 use crate::policy::{
     oneshot, proxy_response, Attempts, Body, Classify, Deadline, FailureKind, PolicyMetrics,
-    ProxyReason, SharedPolicy, ATTEMPTS_HEADER,
+    ProxyReason, SharedPolicy, ATTEMPTS_HEADER, ERROR_HEADER,
 };
 
 /// A `Retry-After` longer than this is not waited for when the request has no deadline.
@@ -186,6 +186,13 @@ fn retry_reason<E: Classify>(
                 StatusCode::BAD_GATEWAY => (RetryOn::Status502, true),
                 StatusCode::SERVICE_UNAVAILABLE => (RetryOn::Status503, true),
                 StatusCode::GATEWAY_TIMEOUT => (RetryOn::Status504, true),
+                StatusCode::CONFLICT
+                    if resp.headers().get(ERROR_HEADER).is_some_and(|v| {
+                        v.as_bytes() == ProxyReason::DedupConflict.as_str().as_bytes()
+                    }) =>
+                {
+                    (RetryOn::IdempotencyConflict, true)
+                }
                 _ if resp
                     .headers()
                     .get("grpc-status")
