@@ -391,3 +391,25 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// `svc`, counting the requests that reach it.
+pub fn counted<E: Send + 'static>(
+    svc: PolicyService<E>,
+    counter: Arc<AtomicUsize>,
+) -> PolicyService<E> {
+    PolicyService::new(tower::service_fn(move |req| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        meshlet::policy::send(&svc, req)
+    }))
+}
+
+/// Polls `done` every 10 ms for up to 10 s.
+pub async fn eventually(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
