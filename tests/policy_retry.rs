@@ -450,3 +450,27 @@ async fn grpc_unavailable_is_retried_and_trailers_pass_intact() {
         1
     );
 }
+
+#[tokio::test]
+async fn bodies_larger_than_the_replay_buffer_are_streamed_once_and_not_retried() {
+    let upstream = Upstream::start(handler(|seen| async move {
+        Ok(reply(503, &seen.body.len().to_string()))
+    }))
+    .await;
+    let metrics = PolicyMetrics::unregistered();
+    let yaml = format!("services:\n  svc:\n    retries: {{ {FAST_BACKOFF} }}\n");
+    let stack = destination(&yaml, &upstream, &metrics).outbound(TestClient::http1());
+    let big = "x".repeat(100 * 1024);
+    let mut req = request("PUT", upstream.addr, "/blob", &big);
+    req.headers_mut().remove("content-length");
+    let resp = stack.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(header(&resp, ATTEMPTS_HEADER), "1");
+    assert_eq!(
+        body_string(resp).await,
+        big.len().to_string(),
+        "the whole body reached the upstream"
+    );
+    assert_eq!(upstream.calls(), 1);
+    assert_eq!(metrics.body_too_large.with_label_values(&["svc"]).get(), 1);
+}
