@@ -78,18 +78,12 @@ impl EndpointLoad {
     }
 
     fn cost(&self) -> f64 {
-        let estimate = match self.ewma.lock() {
-            Ok(e) => e.estimate,
-            Err(poisoned) => poisoned.into_inner().estimate,
-        };
+        let estimate = crate::policy::lock(&self.ewma).estimate;
         estimate * (self.in_flight.load(Ordering::Relaxed) + 1) as f64
     }
 
     fn observe(&self, rtt: Duration) {
-        let mut ewma = match self.ewma.lock() {
-            Ok(e) => e,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut ewma = crate::policy::lock(&self.ewma);
         ewma.observe(rtt, Instant::now());
     }
 }
@@ -124,10 +118,7 @@ impl Endpoints {
             next.push(kept.unwrap_or_else(|| Arc::new(EndpointLoad::new(*addr))));
         }
         self.breakers.set_endpoints(addrs);
-        let mut current = match self.current.write() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut current = crate::policy::write(&self.current);
         *current = Arc::new(next);
     }
 
@@ -137,10 +128,7 @@ impl Endpoints {
     }
 
     fn snapshot(&self) -> Arc<Vec<Arc<EndpointLoad>>> {
-        match self.current.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        crate::policy::read(&self.current).clone()
     }
 
     /// Power of two choices among available endpoints; any endpoint when none is available (the breaker

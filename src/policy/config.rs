@@ -781,18 +781,12 @@ impl SharedPolicy {
 
     /// The current policy.
     pub fn current(&self) -> Arc<ServicePolicy> {
-        match self.0.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        crate::policy::read(&self.0).clone()
     }
 
     /// Replaces the policy; requests already under way keep the one they started with.
     pub fn replace(&self, policy: ServicePolicy) {
-        let mut guard = match self.0.write() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut guard = crate::policy::write(&self.0);
         *guard = Arc::new(policy);
     }
 

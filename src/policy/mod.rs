@@ -249,3 +249,23 @@ where
 {
     Box::pin(tower::ServiceExt::oneshot(inner, req))
 }
+
+/// Locks `mutex`, also after a panic elsewhere poisoned it: the policies' shared state (counters, estimates,
+/// tables) stays consistent at every step, so it is safe to keep using.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads `lock`, also when poisoned (see [`lock`]).
+pub(crate) fn read<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes `lock`, also when poisoned (see [`lock`]).
+pub(crate) fn write<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

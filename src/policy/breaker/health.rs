@@ -73,10 +73,7 @@ impl BreakerTable {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, Health>> {
-        match self.endpoints.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::policy::lock(&self.endpoints)
     }
 
     /// Replaces the endpoint set, keeping the state of endpoints that stay.

@@ -82,10 +82,7 @@ impl MemoryStore {
     }
 
     fn order(&self) -> std::sync::MutexGuard<'_, VecDeque<(String, u64)>> {
-        match self.order.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::policy::lock(&self.order)
     }
 
     fn remove_slot(&self, key: &str, serial: Option<u64>) -> bool {

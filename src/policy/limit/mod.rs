@@ -48,10 +48,7 @@ impl LimitState {
 
     /// Grows or shrinks the semaphore to the current policy's `max_concurrent`.
     fn resize(&self, want: usize) {
-        let mut have = match self.sized_for.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut have = crate::policy::lock(&self.sized_for);
         if want > *have {
             self.slots.add_permits(want - *have);
         } else if want < *have {

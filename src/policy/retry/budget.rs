@@ -26,10 +26,7 @@ impl BudgetSlot {
     /// ratio 0..=1), which keeps `TpsBudget::new` from panicking; they are clamped here once more so a policy
     /// built in code cannot either.
     pub fn get(&self, settings: &Budget) -> Arc<TpsBudget> {
-        let mut current = match self.current.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut current = crate::policy::lock(&self.current);
         if let Some((have, budget)) = current.as_ref() {
             if have == settings {
                 return budget.clone();
