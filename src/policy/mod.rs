@@ -40,14 +40,9 @@ pub use config::{Policy, PolicyFile, ServicePolicy, SharedPolicy};
 pub use metrics::PolicyMetrics;
 pub use stack::{send, DestinationPolicy, PolicyService};
 
-/// Any error, boxed.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub use crate::proxy::error::ERROR_HEADER;
+pub use crate::proxy::{Body, BoxError};
 
-/// The body type of the data path.
-pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
-
-/// Says why the proxy answered a request itself.
-pub const ERROR_HEADER: &str = "x-meshlet-error";
 /// With `x-meshlet-error: timeout`: which timeout ran out (`request` or `per-try`).
 pub const TIMEOUT_HEADER: &str = "x-meshlet-timeout";
 /// Attempts made for this request by the retry layer.
