@@ -474,3 +474,27 @@ async fn bodies_larger_than_the_replay_buffer_are_streamed_once_and_not_retried(
     assert_eq!(upstream.calls(), 1);
     assert_eq!(metrics.body_too_large.with_label_values(&["svc"]).get(), 1);
 }
+
+#[tokio::test]
+async fn a_policy_edit_applies_to_the_next_request() {
+    let upstream = Upstream::start(handler(|_| async { Ok(reply(503, "busy")) })).await;
+    let metrics = PolicyMetrics::unregistered();
+    let yaml = format!("services:\n  svc:\n    retries: {{ max_attempts: 3, {FAST_BACKOFF} }}\n");
+    let dp = destination(&yaml, &upstream, &metrics);
+    let stack = dp.outbound(TestClient::http1());
+    let resp = send(&stack, request("GET", upstream.addr, "/", ""))
+        .await
+        .unwrap();
+    assert_eq!(header(&resp, ATTEMPTS_HEADER), "3");
+    dp.policy.replace(policy(
+        "services:\n  svc:\n    retries: { max_attempts: 1 }\n",
+    ));
+    let resp = send(&stack, request("GET", upstream.addr, "/", ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        header(&resp, ATTEMPTS_HEADER),
+        "1",
+        "same stack, new policy"
+    );
+}

@@ -98,3 +98,50 @@ impl PolicyMetrics {
             .unwrap_or_else(|e| unreachable!("fresh registry: {e}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_labels_are_the_documented_contract() {
+        let registry = Registry::new();
+        let m = PolicyMetrics::register(&registry).unwrap();
+        m.retries.with_label_values(&["d", "503"]).inc();
+        m.budget_exhausted.with_label_values(&["d"]).inc();
+        m.body_too_large.with_label_values(&["d"]).inc();
+        m.timeouts.with_label_values(&["d", "per-try"]).inc();
+        m.breaker_state
+            .with_label_values(&["d", "127.0.0.1:1"])
+            .set(1);
+        m.breaker_transitions
+            .with_label_values(&["d", "127.0.0.1:1", "open"])
+            .inc();
+        m.dedup.with_label_values(&["d", "replayed"]).inc();
+        m.limit_rejections
+            .with_label_values(&["d", "overloaded"])
+            .inc();
+        use prometheus::Encoder;
+        let mut text = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut text)
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        for line in [
+            r#"meshlet_retries_total{destination="d",reason="503"} 1"#,
+            r#"meshlet_retry_budget_exhausted_total{destination="d"} 1"#,
+            r#"meshlet_retry_body_too_large_total{destination="d"} 1"#,
+            r#"meshlet_timeouts_total{destination="d",kind="per-try"} 1"#,
+            r#"meshlet_breaker_state{destination="d",endpoint="127.0.0.1:1"} 1"#,
+            r#"meshlet_breaker_transitions_total{destination="d",endpoint="127.0.0.1:1",to="open"} 1"#,
+            r#"meshlet_dedup_total{destination="d",outcome="replayed"} 1"#,
+            r#"meshlet_limit_rejections_total{destination="d",reason="overloaded"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(
+            PolicyMetrics::register(&registry).is_err(),
+            "registering twice is refused, not doubled"
+        );
+    }
+}

@@ -2,14 +2,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::Response;
+use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 use std::sync::Arc;
 
 use prometheus::IntCounterVec;
 use tokio::time::Sleep;
 
-use crate::policy::{proxy_response, Body, ProxyReason};
+use crate::policy::{proxy_response, Attempts, Body, ProxyReason, ATTEMPTS_HEADER};
 
 pin_project! {
     /// The inner response, or a 504 once the timer fires first.
@@ -20,6 +20,7 @@ pin_project! {
         pub(super) sleep: Option<Sleep>,
         pub(super) reason: ProxyReason,
         pub(super) counter: Option<(IntCounterVec, Arc<str>)>,
+        pub(super) attempts: Option<Attempts>,
     }
 }
 
@@ -43,7 +44,12 @@ where
                     };
                     counter.with_label_values(&[&*destination, kind]).inc();
                 }
-                return Poll::Ready(Ok(proxy_response(*this.reason)));
+                let mut resp = proxy_response(*this.reason);
+                if let Some(n) = this.attempts.as_ref().map(Attempts::get).filter(|n| *n > 0) {
+                    resp.headers_mut()
+                        .insert(ATTEMPTS_HEADER, HeaderValue::from(n));
+                }
+                return Poll::Ready(Ok(resp));
             }
         }
         Poll::Pending

@@ -22,7 +22,9 @@ use tower::Service;
 pub use future::ResponseFuture;
 pub use layer::TimeoutLayer;
 
-use crate::policy::{Body, Deadline, PolicyMetrics, ProxyReason, SharedPolicy, DEADLINE_HEADER};
+use crate::policy::{
+    Attempts, Body, Deadline, PolicyMetrics, ProxyReason, SharedPolicy, DEADLINE_HEADER,
+};
 
 /// Which timeout a [`Timeout`] applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +81,12 @@ where
                 (_, outer) => (outer, ProxyReason::RequestTimeout),
             },
         };
+        // The request timeout may fire between attempts (during a backoff): its 504 still says how many
+        // attempts were made, read from the handle the retry layer updates.
+        let attempts = match self.kind {
+            TimeoutKind::Request => Some(attempts_handle(&mut req)),
+            TimeoutKind::PerTry => None,
+        };
         if let Some(deadline) = deadline {
             propagate_deadline(req.headers_mut(), deadline.saturating_duration_since(now));
         }
@@ -87,8 +95,19 @@ where
             sleep: deadline.map(tokio::time::sleep_until),
             reason,
             counter: Some((self.metrics.timeouts.clone(), self.destination.clone())),
+            attempts,
         }
     }
+}
+
+/// The request's [`Attempts`] handle, inserted if the caller did not provide one.
+fn attempts_handle(req: &mut Request<Body>) -> Attempts {
+    if let Some(attempts) = req.extensions().get::<Attempts>() {
+        return attempts.clone();
+    }
+    let attempts = Attempts::default();
+    req.extensions_mut().insert(attempts.clone());
+    attempts
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -209,6 +228,22 @@ mod tests {
         assert_eq!(resp.status(), 504);
         assert_eq!(resp.headers()[ERROR_HEADER], "timeout");
         assert_eq!(resp.headers()[TIMEOUT_HEADER], "per-try");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_timeout_reports_the_attempts_made() {
+        let retrying = service_fn(|req: Request<Body>| async move {
+            req.extensions().get::<Attempts>().unwrap().set(2);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<_, std::convert::Infallible>(Response::new(full_body("late".into())))
+        });
+        let stack = layer(TimeoutKind::Request, 1000, None).layer(retrying);
+        let resp = stack
+            .oneshot(Request::new(full_body("".into())))
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()[TIMEOUT_HEADER], "request");
+        assert_eq!(resp.headers()[crate::policy::ATTEMPTS_HEADER], "2");
     }
 
     #[tokio::test(start_paused = true)]
