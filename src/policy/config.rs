@@ -32,6 +32,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Largest request body kept in memory so that it can be sent again on a retry.
 pub const MAX_REPLAY_BODY_BYTES: usize = 64 * 1024;
 
+/// Longest duration accepted anywhere in a policy; keeps deadline arithmetic far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A duration written as `500ms`, `10s`, `1m` (or a bare number of seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -559,8 +562,8 @@ fn invalid(field: &str, value: impl fmt::Display, reason: &str) -> PolicyConfigE
 fn validate_overrides(path: &str, o: &PolicyOverrides, errors: &mut Vec<PolicyConfigError>) {
     let positive = |field: &str, d: &Option<Dur>, errors: &mut Vec<PolicyConfigError>| {
         if let Some(d) = d {
-            if d.0.is_zero() {
-                errors.push(out_of_range(&format!("{path}.{field}"), d, "> 0s"));
+            if d.0.is_zero() || d.0 > MAX_DURATION {
+                errors.push(out_of_range(&format!("{path}.{field}"), d, "0s<..=365d"));
             }
         }
     };
@@ -920,6 +923,13 @@ services:
             .unwrap_err()
             .to_string();
         assert!(err.contains("soon"), "{err}");
+        let err = PolicyFile::from_yaml("defaults:\n  idempotency: { ttl: 1000y }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("defaults.idempotency.ttl: 1000years is outside 0s<..=365d"),
+            "{err}"
+        );
         let err = PolicyFile::from_yaml("defaults:\n  timeouts: { requets: 1s }\n")
             .unwrap_err()
             .to_string();
