@@ -36,6 +36,8 @@ const DECAY: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 struct EndpointLoad {
     addr: SocketAddr,
+    /// `addr` as a URI authority, made once.
+    authority: Option<Authority>,
     in_flight: AtomicUsize,
     ewma: Mutex<PeakEwma>,
 }
@@ -68,6 +70,7 @@ impl EndpointLoad {
     fn new(addr: SocketAddr) -> EndpointLoad {
         EndpointLoad {
             addr,
+            authority: Authority::try_from(addr.to_string()).ok(),
             in_flight: AtomicUsize::new(0),
             ewma: Mutex::new(PeakEwma {
                 estimate: DEFAULT_RTT.as_nanos() as f64,
@@ -210,7 +213,7 @@ impl Drop for InFlight {
 }
 
 /// Points `req` at `addr`: the URI's authority becomes the endpoint, `Host` keeps the original name.
-fn retarget(req: &mut Request<Body>, addr: SocketAddr) {
+fn retarget(req: &mut Request<Body>, endpoint: &EndpointLoad) {
     if !req.headers().contains_key(http::header::HOST) {
         if let Some(host) = req
             .uri()
@@ -221,7 +224,7 @@ fn retarget(req: &mut Request<Body>, addr: SocketAddr) {
         }
     }
     let mut parts = req.uri().clone().into_parts();
-    if let Ok(authority) = Authority::try_from(addr.to_string()) {
+    if let Some(authority) = endpoint.authority.clone() {
         parts.authority = Some(authority);
         if parts.scheme.is_none() {
             parts.scheme = Some(Scheme::HTTP);
@@ -233,7 +236,7 @@ fn retarget(req: &mut Request<Body>, addr: SocketAddr) {
             *req.uri_mut() = uri;
         }
     }
-    req.extensions_mut().insert(Endpoint(addr));
+    req.extensions_mut().insert(Endpoint(endpoint.addr));
 }
 
 impl<S, E> Service<Request<Body>> for Balance<S>
@@ -254,7 +257,7 @@ where
         let Some(endpoint) = self.endpoints.choose() else {
             return Box::pin(async { Ok(proxy_response(ProxyReason::NoEndpoints)) });
         };
-        retarget(&mut req, endpoint.addr);
+        retarget(&mut req, &endpoint);
         let in_flight = InFlight::new(endpoint);
         let inner = self.inner.clone();
         Box::pin(async move {
@@ -296,7 +299,7 @@ mod tests {
     fn retarget_keeps_the_host() {
         let mut req = Request::new(crate::policy::full_body("".into()));
         *req.uri_mut() = "http://payment.shop:8080/charge?x=1".parse().unwrap();
-        retarget(&mut req, addr(9));
+        retarget(&mut req, &EndpointLoad::new(addr(9)));
         assert_eq!(req.uri(), "http://127.0.0.1:9/charge?x=1");
         assert_eq!(req.headers()["host"], "payment.shop:8080");
         assert_eq!(Endpoint::of(&req), Some(addr(9)));

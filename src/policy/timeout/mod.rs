@@ -61,7 +61,9 @@ where
         let policy = self.policy.for_request(&mut req);
         let now = Instant::now();
         let outer = req.extensions().get::<Deadline>().map(|d| d.0);
-        let (deadline, reason) = match self.kind {
+        // `timer`: when this layer answers 504 itself. A per-try layer without `per_try` only propagates the
+        // request deadline; the request layer's own timer enforces it.
+        let (deadline, timer, reason) = match self.kind {
             TimeoutKind::Request => {
                 let mut deadline = now + policy.timeouts.request;
                 if let Some(callers) = caller_deadline(req.headers()) {
@@ -71,14 +73,15 @@ where
                     deadline = deadline.min(outer);
                 }
                 req.extensions_mut().insert(Deadline(deadline));
-                (Some(deadline), ProxyReason::RequestTimeout)
+                (Some(deadline), true, ProxyReason::RequestTimeout)
             }
             TimeoutKind::PerTry => match (policy.timeouts.per_try.map(|d| now + d), outer) {
                 (Some(per_try), Some(outer)) if per_try < outer => {
-                    (Some(per_try), ProxyReason::PerTryTimeout)
+                    (Some(per_try), true, ProxyReason::PerTryTimeout)
                 }
-                (Some(per_try), None) => (Some(per_try), ProxyReason::PerTryTimeout),
-                (_, outer) => (outer, ProxyReason::RequestTimeout),
+                (Some(per_try), None) => (Some(per_try), true, ProxyReason::PerTryTimeout),
+                (Some(_), outer) => (outer, true, ProxyReason::RequestTimeout),
+                (None, outer) => (outer, false, ProxyReason::RequestTimeout),
             },
         };
         // The request timeout may fire between attempts (during a backoff): its 504 still says how many
@@ -92,7 +95,7 @@ where
         }
         ResponseFuture {
             inner: self.inner.call(req),
-            sleep: deadline.map(tokio::time::sleep_until),
+            sleep: deadline.filter(|_| timer).map(tokio::time::sleep_until),
             reason,
             counter: Some((self.metrics.timeouts.clone(), self.destination.clone())),
             attempts,
