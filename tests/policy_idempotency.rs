@@ -373,3 +373,61 @@ async fn retry_on_another_replica_after_the_first_replica_is_gone() {
     assert_eq!(body_string(resp).await, "charged #1");
     assert_eq!(app.effects(), 1, "charged exactly once across replicas");
 }
+
+#[tokio::test]
+async fn a_killed_replica_never_lets_the_effect_happen_twice() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let metrics = PolicyMetrics::unregistered();
+    let app = Arc::new(App::default());
+    app.hold.store(true, Ordering::SeqCst);
+    // Replica A runs on a runtime of its own, so that killing it ends everything it was doing, including
+    // the first request's task: its response is never stored.
+    let replica_a = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                replica_a.block_on(async {
+                    let store = redis_store(&redis).await;
+                    inbound(INBOUND, &app, store, &metrics).await.0
+                })
+            })
+            .join()
+            .unwrap()
+    });
+    let (b, _) = inbound(INBOUND, &app, redis_store(&redis).await, &metrics).await;
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let http = TestClient::http1();
+    let b_addr = b.addr;
+    let client = tower::service_fn(move |mut req: Request<Body>| {
+        if attempts.fetch_add(1, Ordering::SeqCst) > 0 {
+            *req.uri_mut() = format!("http://{b_addr}{}", req.uri().path())
+                .parse()
+                .unwrap();
+        }
+        tower::Service::call(&mut http.clone(), req)
+    });
+    let stack =
+        DestinationPolicy::new("svc", policy(OUTBOUND), &[a.addr], &metrics).outbound(client);
+    let call = tokio::spawn(send(
+        &stack,
+        request("POST", a.addr, "/charge", "{\"cents\":300}"),
+    ));
+    eventually("replica A's app call to commit", || app.effects() == 1).await;
+    replica_a.shutdown_background();
+    app.release();
+    let resp = call.await.unwrap().unwrap();
+    assert_eq!(
+        resp.status(),
+        409,
+        "the outcome is unknown, so the key stays claimed"
+    );
+    assert_eq!(header(&resp, ERROR_HEADER), "idempotency-conflict");
+    assert_eq!(app.effects(), 1, "never charged twice");
+    drop(a);
+}

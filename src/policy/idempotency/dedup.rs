@@ -13,6 +13,10 @@
 //!   app (`replayed`).
 //! * same key, different method, path or body: `422 Unprocessable Content` (`mismatch`).
 //! * request body over `max_body_bytes`: forwarded without de-duplication (`bypassed`).
+//!
+//! At most once, not at least once: when the replica processing the first request dies, nobody knows whether
+//! the app applied it, so its key stays claimed until the TTL and duplicates get 409. A caller sees an error
+//! instead of a second charge.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
