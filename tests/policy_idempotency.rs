@@ -306,6 +306,23 @@ async fn keys_expire_and_the_table_is_bounded() {
     assert!(metrics.dedup.with_label_values(&["svc", "evicted"]).get() >= 1);
 }
 
+/// An outbound stack whose first attempt goes to replica `a` and every later one to replica `b`.
+fn first_to_a_then_b(
+    a: SocketAddr,
+    b: SocketAddr,
+    metrics: &PolicyMetrics,
+) -> PolicyService<ClientError> {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let http = TestClient::http1();
+    let client = tower::service_fn(move |mut req: Request<Body>| {
+        if attempts.fetch_add(1, Ordering::SeqCst) > 0 {
+            *req.uri_mut() = format!("http://{b}{}", req.uri().path()).parse().unwrap();
+        }
+        tower::Service::call(&mut http.clone(), req)
+    });
+    DestinationPolicy::new("svc", policy(OUTBOUND), &[a], metrics).outbound(client)
+}
+
 async fn redis_store(server: &RedisServer) -> Arc<dyn DedupStore> {
     Arc::new(RedisStore::connect(&server.url).await.unwrap())
 }
@@ -340,20 +357,7 @@ async fn retry_on_another_replica_after_the_first_replica_is_gone() {
     app.hold.store(true, Ordering::SeqCst);
     let (a, _) = inbound(INBOUND, &app, redis_store(&redis).await, &metrics).await;
     let (b, b_arrivals) = inbound(INBOUND, &app, redis_store(&redis).await, &metrics).await;
-    // The first attempt goes to replica A, every later one to replica B.
-    let attempts = Arc::new(AtomicUsize::new(0));
-    let http = TestClient::http1();
-    let b_addr = b.addr;
-    let client = tower::service_fn(move |mut req: Request<Body>| {
-        if attempts.fetch_add(1, Ordering::SeqCst) > 0 {
-            *req.uri_mut() = format!("http://{b_addr}{}", req.uri().path())
-                .parse()
-                .unwrap();
-        }
-        tower::Service::call(&mut http.clone(), req)
-    });
-    let stack =
-        DestinationPolicy::new("svc", policy(OUTBOUND), &[a.addr], &metrics).outbound(client);
+    let stack = first_to_a_then_b(a.addr, b.addr, &metrics);
     let call = tokio::spawn(send(
         &stack,
         request("POST", a.addr, "/charge", "{\"cents\":900}"),
@@ -401,19 +405,7 @@ async fn a_killed_replica_never_lets_the_effect_happen_twice() {
             .unwrap()
     });
     let (b, _) = inbound(INBOUND, &app, redis_store(&redis).await, &metrics).await;
-    let attempts = Arc::new(AtomicUsize::new(0));
-    let http = TestClient::http1();
-    let b_addr = b.addr;
-    let client = tower::service_fn(move |mut req: Request<Body>| {
-        if attempts.fetch_add(1, Ordering::SeqCst) > 0 {
-            *req.uri_mut() = format!("http://{b_addr}{}", req.uri().path())
-                .parse()
-                .unwrap();
-        }
-        tower::Service::call(&mut http.clone(), req)
-    });
-    let stack =
-        DestinationPolicy::new("svc", policy(OUTBOUND), &[a.addr], &metrics).outbound(client);
+    let stack = first_to_a_then_b(a.addr, b.addr, &metrics);
     let call = tokio::spawn(send(
         &stack,
         request("POST", a.addr, "/charge", "{\"cents\":300}"),
