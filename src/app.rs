@@ -14,6 +14,8 @@ use crate::discovery::{self, Mesh, MeshConfig};
 use crate::drain;
 use crate::listener;
 use crate::metrics::{Direction, Metrics};
+use crate::policy::idempotency::{DedupStore, RedisStore};
+use crate::policy::PolicyMetrics;
 use crate::proxy::mesh::MeshClient;
 use crate::proxy::pool::{Pool, PoolSettings};
 use crate::proxy::{self, Inputs};
@@ -82,6 +84,8 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
 
     let registry = Registry::new();
     let metrics = Metrics::new(&registry).context("registering metrics")?;
+    let policy_metrics =
+        PolicyMetrics::register(&registry).context("registering policy metrics")?;
     let state = Arc::new(AdminState {
         registry,
         metrics: metrics.clone(),
@@ -105,7 +109,13 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
         None => (None, None, None),
     };
 
-    let mesh = Arc::new(Mesh::new(&mesh_config));
+    let shared_store: Option<Arc<dyn DedupStore>> = match &config.dedup_redis_url {
+        Some(url) => Some(Arc::new(RedisStore::connect(url).await.with_context(
+            || format!("invalid value '{url}' for '--dedup-redis-url' (MESHLET_DEDUP_REDIS_URL)"),
+        )?)),
+        None => None,
+    };
+    let mesh = Arc::new(Mesh::new(&mesh_config, policy_metrics, shared_store));
     if let Some(path) = &config.mesh_config {
         discovery::watch_file(path.clone(), mesh.clone());
     }
