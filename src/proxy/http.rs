@@ -47,7 +47,10 @@ pub struct ConnContext {
     /// The protocol the client speaks.
     pub version: Version,
     /// Destination label, computed once for redirected connections.
-    pub destination_label: Option<String>,
+    pub destination_label: Option<Arc<str>>,
+    /// Metric handles already looked up on this connection, so that a kept-alive connection pays for the
+    /// label hashing once rather than per request.
+    pub metric_cache: MetricCache,
     /// The caller's verified identity, when the client is a peer sidecar over mTLS.
     pub peer: Option<SpiffeId>,
     /// Inbound HTTP/2 from a peer sidecar: each request names its application port in a header, and the
@@ -57,7 +60,7 @@ pub struct ConnContext {
 
 /// What a request's metrics are labelled with, learnt while forwarding it.
 struct Outcome {
-    destination: Option<String>,
+    destination: Option<Arc<str>>,
     tls: bool,
     peer: Option<SpiffeId>,
 }
@@ -82,26 +85,74 @@ pub async fn serve(
             e.to_response()
         }
     };
-    let metrics = &ctx.inputs.metrics;
-    let destination = outcome.destination.as_deref().unwrap_or("unknown");
-    let peer = outcome.peer.as_ref().map_or("", |p| p.as_str());
-    let tls = if outcome.tls { "true" } else { "false" };
-    metrics
-        .requests
-        .with_label_values(&[
-            ctx.direction.as_str(),
-            destination,
-            method,
-            rsp.status().as_str(),
+    let destination = outcome.destination.unwrap_or_else(|| Arc::from("unknown"));
+    let key = RequestKey {
+        destination,
+        method,
+        status: rsp.status().as_u16(),
+        tls: outcome.tls,
+        peer: outcome.peer,
+    };
+    let (counter, histogram) = ctx
+        .metric_cache
+        .handles(&ctx.inputs.metrics, ctx.direction, key);
+    counter.inc();
+    histogram.observe(start.elapsed().as_secs_f64());
+    Ok(rsp)
+}
+
+/// The labels of one request's metrics.
+#[derive(Clone, PartialEq, Eq)]
+struct RequestKey {
+    destination: Arc<str>,
+    method: &'static str,
+    status: u16,
+    tls: bool,
+    peer: Option<SpiffeId>,
+}
+
+/// Most connections see a handful of label combinations; more than this are looked up each time.
+const METRIC_CACHE_ENTRIES: usize = 16;
+
+/// Per-connection cache of labelled metric handles.
+#[derive(Default)]
+pub struct MetricCache(
+    std::sync::Mutex<Vec<(RequestKey, prometheus::IntCounter, prometheus::Histogram)>>,
+);
+
+impl MetricCache {
+    fn handles(
+        &self,
+        metrics: &crate::metrics::Metrics,
+        direction: Direction,
+        key: RequestKey,
+    ) -> (prometheus::IntCounter, prometheus::Histogram) {
+        let mut cache = match self.0.lock() {
+            Ok(cache) => cache,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some((_, counter, histogram)) = cache.iter().find(|(k, _, _)| *k == key) {
+            return (counter.clone(), histogram.clone());
+        }
+        let status = key.status.to_string();
+        let tls = if key.tls { "true" } else { "false" };
+        let peer = key.peer.as_ref().map_or("", |p| p.as_str());
+        let counter = metrics.requests.with_label_values(&[
+            direction.as_str(),
+            &key.destination,
+            key.method,
+            &status,
             tls,
             peer,
-        ])
-        .inc();
-    metrics
-        .request_duration
-        .with_label_values(&[ctx.direction.as_str(), destination])
-        .observe(start.elapsed().as_secs_f64());
-    Ok(rsp)
+        ]);
+        let histogram = metrics
+            .request_duration
+            .with_label_values(&[direction.as_str(), &key.destination]);
+        if cache.len() < METRIC_CACHE_ENTRIES {
+            cache.push((key, counter.clone(), histogram.clone()));
+        }
+        (counter, histogram)
+    }
 }
 
 async fn forward(
@@ -116,12 +167,12 @@ async fn forward(
         Target::Original(dst) => dst,
         Target::Explicit => {
             let authority = explicit_authority(&req)?;
-            outcome.destination = Some(authority.clone());
+            outcome.destination = Some(Arc::from(authority.as_str()));
             resolve(&authority).await?
         }
     };
     if outcome.destination.is_none() {
-        outcome.destination = Some(dst.to_string());
+        outcome.destination = Some(Arc::from(dst.to_string()));
     }
     let meshed = ctx.inputs.meshed(dst);
     if let Some(endpoint) = &meshed {
@@ -175,7 +226,9 @@ async fn inbound(
             Target::Explicit => return Err(ProxyError::Loop),
         },
     };
-    outcome.destination = Some(dst.to_string());
+    if outcome.destination.is_none() {
+        outcome.destination = Some(Arc::from(dst.to_string()));
+    }
     let policy = ctx.inputs.mesh.table().inbound(dst);
     if !policy.admits(ctx.peer.as_ref()) {
         let who = ctx
@@ -289,7 +342,7 @@ async fn plain(
     let rsp = tokio::time::timeout(timeout, ctx.inputs.pool.send(dst, version, upstream_req))
         .await
         .map_err(|_| ProxyError::ResponseTimeout(dst, timeout))??;
-    Ok(downstream_response(ctx, rsp))
+    Ok(downstream(ctx, rsp))
 }
 
 /// A request to a meshed destination: HTTP/2 over mTLS to its sidecar, whatever the application spoke.
@@ -340,13 +393,7 @@ async fn to_peer_sidecar(
 
 /// The upstream's response as the client gets it: hop-by-hop headers removed, the client's HTTP version.
 fn downstream_response(ctx: &ConnContext, rsp: Response<Incoming>) -> Response<Body> {
-    let (mut parts, body) = rsp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
-    parts.version = match ctx.version {
-        Version::Http1 => http::Version::HTTP_11,
-        Version::Http2 => http::Version::HTTP_2,
-    };
-    Response::from_parts(parts, body.map_err(Into::into).boxed())
+    downstream(ctx, rsp.map(|body| body.map_err(Into::into).boxed()))
 }
 
 /// `Upgrade: websocket` on HTTP/1.1: a dedicated upstream connection (over mTLS to a meshed destination),

@@ -337,7 +337,7 @@ where
         mesh_app_ip,
     } = conn;
     let destination_label = match target {
-        Target::Original(dst) => Some(dst.to_string()),
+        Target::Original(dst) => Some(Arc::from(dst.to_string())),
         Target::Explicit => None,
     };
     let header_read_timeout = inputs.config.header_read_timeout;
@@ -348,6 +348,7 @@ where
         target,
         version,
         destination_label,
+        metric_cache: Default::default(),
         peer,
         mesh_app_ip,
     });

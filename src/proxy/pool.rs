@@ -5,11 +5,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
+use http_body::Body as _;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -17,7 +21,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::error::ProxyError;
-use super::Body;
+use super::{Body, BoxError};
 use crate::listener;
 
 /// Settings of the pool, from the proxy's configuration.
@@ -93,10 +97,13 @@ impl Pool {
         dst: SocketAddr,
         version: Version,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         match version {
             Version::Http1 => self.send_http1(dst, req).await,
-            Version::Http2 => self.send_http2(dst, req).await,
+            Version::Http2 => Ok(self
+                .send_http2(dst, req)
+                .await?
+                .map(|b| b.map_err(Into::into).boxed())),
         }
     }
 
@@ -104,15 +111,17 @@ impl Pool {
         self: &Arc<Self>,
         dst: SocketAddr,
         mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         // A kept-alive connection may have been closed by the upstream just now; the request then comes back
         // unsent and goes out again on a fresh connection.
         while let Some(mut sender) = self.checkout_http1(dst) {
+            // A connection checked in when its last response body ended is ready as soon as its task has
+            // seen that end; one the upstream closed in the meantime fails here and is dropped.
+            if sender.ready().await.is_err() {
+                continue;
+            }
             match sender.try_send_request(req).await {
-                Ok(rsp) => {
-                    self.checkin_when_ready(dst, sender);
-                    return Ok(rsp);
-                }
+                Ok(rsp) => return Ok(self.pooled(dst, sender, rsp)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(classify(dst, e.into_error())),
@@ -124,8 +133,30 @@ impl Pool {
             .send_request(req)
             .await
             .map_err(|e| classify(dst, e))?;
-        self.checkin_when_ready(dst, sender);
-        Ok(rsp)
+        Ok(self.pooled(dst, sender, rsp))
+    }
+
+    /// Wraps the response body so that the connection returns to the pool once the body has been read to
+    /// the end, without a task per request.
+    fn pooled(
+        self: &Arc<Self>,
+        dst: SocketAddr,
+        sender: http1::SendRequest<Body>,
+        rsp: Response<Incoming>,
+    ) -> Response<Body> {
+        let checkin = Checkin {
+            pool: Arc::downgrade(self),
+            dst,
+            sender,
+        };
+        rsp.map(|inner| {
+            PooledBody {
+                inner,
+                checkin: Some(checkin),
+                finished: false,
+            }
+            .boxed()
+        })
     }
 
     async fn send_http2(
@@ -216,32 +247,24 @@ impl Pool {
         let mut map = self.http1.lock().ok()?;
         let idle = map.get_mut(&dst)?;
         while let Some(entry) = idle.pop() {
-            if entry.since.elapsed() < self.settings.idle_timeout && entry.sender.is_ready() {
+            if entry.since.elapsed() < self.settings.idle_timeout && !entry.sender.is_closed() {
                 return Some(entry.sender);
             }
         }
         None
     }
 
-    /// Returns the connection once its response has been read to the end (or drops it if that fails).
-    fn checkin_when_ready(self: &Arc<Self>, dst: SocketAddr, mut sender: http1::SendRequest<Body>) {
-        let pool = Arc::downgrade(self);
-        tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            let Some(pool) = pool.upgrade() else { return };
-            let Ok(mut map) = pool.http1.lock() else {
-                return;
-            };
-            let idle = map.entry(dst).or_default();
-            if idle.len() < pool.settings.max_idle_per_destination {
-                idle.push(Idle {
-                    sender,
-                    since: Instant::now(),
-                });
-            }
-        });
+    fn checkin(&self, dst: SocketAddr, sender: http1::SendRequest<Body>) {
+        let Ok(mut map) = self.http1.lock() else {
+            return;
+        };
+        let idle = map.entry(dst).or_default();
+        if idle.len() < self.settings.max_idle_per_destination {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
     }
 
     fn sweep(&self) {
@@ -275,6 +298,60 @@ fn classify(dst: SocketAddr, e: hyper::Error) -> ProxyError {
         ProxyError::MalformedBody(e)
     } else {
         ProxyError::UpstreamReset(dst, e)
+    }
+}
+
+/// Where a response body returns its connection when it ends.
+struct Checkin {
+    pool: Weak<Pool>,
+    dst: SocketAddr,
+    sender: http1::SendRequest<Body>,
+}
+
+/// The body of a response on a pooled HTTP/1 connection. Read to the end, it checks the connection back
+/// in; dropped early, it drops the connection (the rest of the body would be in the way).
+struct PooledBody {
+    inner: Incoming,
+    checkin: Option<Checkin>,
+    finished: bool,
+}
+
+impl http_body::Body for PooledBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            None => self.finished = true,
+            Some(Err(_)) => self.checkin = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if !(self.finished || self.inner.is_end_stream()) {
+            return;
+        }
+        if let Some(Checkin { pool, dst, sender }) = self.checkin.take() {
+            if let Some(pool) = pool.upgrade() {
+                pool.checkin(dst, sender);
+            }
+        }
     }
 }
 
@@ -317,10 +394,7 @@ mod tests {
     use super::*;
 
     /// `count` HTTP/2 GETs to `dst` sent at once through a new pool.
-    async fn h2_burst(
-        dst: SocketAddr,
-        count: usize,
-    ) -> Vec<Result<Response<Incoming>, ProxyError>> {
+    async fn h2_burst(dst: SocketAddr, count: usize) -> Vec<Result<Response<Body>, ProxyError>> {
         let pool = Pool::new(PoolSettings {
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(30),

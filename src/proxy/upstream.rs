@@ -82,7 +82,9 @@ impl UpstreamClient {
                 req.headers_mut()
                     .insert(TARGET_PORT_HEADER, HeaderValue::from(dst.port()));
                 *req.version_mut() = http::Version::HTTP_2;
-                tokio::time::timeout(timeout, mesh.send(&endpoint, req)).await
+                tokio::time::timeout(timeout, mesh.send(&endpoint, req))
+                    .await
+                    .map(|sent| sent.map(|rsp| rsp.map(|body| body.map_err(Into::into).boxed())))
             }
             None => {
                 if self.app_version == Version::Http1 {
@@ -93,8 +95,7 @@ impl UpstreamClient {
                     .await
             }
         };
-        let rsp = sent.map_err(|_| ProxyError::ResponseTimeout(dst, timeout))??;
-        Ok(rsp.map(|body| body.map_err(Into::into).boxed()))
+        sent.map_err(|_| ProxyError::ResponseTimeout(dst, timeout))?
     }
 }
 
