@@ -160,7 +160,7 @@ class Bench:
         return path
 
     def spawn(self, name, argv, cpu, uid=None):
-        prefix = ["nice", "-n", str(self.args.nice), "taskset", "-c", cpu]
+        prefix = PRIORITY + ["taskset", "-c", cpu]
         if uid is not None:
             prefix += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
         p = Proc(name, prefix + argv, os.path.join(self.dir, f"{name}.log"))
@@ -320,8 +320,48 @@ def measure(bench, name, start):
     return res
 
 
+def profile(bench, name, start):
+    """One extra, unmeasured saturation phase of `name` under `perf record`; prints the top symbols.
+
+    Runs after the measured rounds so that sampling never distorts the table.
+    """
+    a = bench.args
+    out_dir = a.profile_dir or os.path.join(tempfile.gettempdir(), f"meshlet-bench-profile-{name}")
+    os.makedirs(out_dir, exist_ok=True)
+    data = os.path.join(out_dir, "perf.data")
+    running = start(bench)
+    try:
+        if not running.proc:
+            raise BenchError(f"{name} has no proxy process to profile")
+        wrk(running.url, a.connections, a.warmup)
+        perf = subprocess.Popen(PRIORITY + ["taskset", "-c", LOADGEN_CPU, "perf", "record", "-e", "cpu-clock",
+                                            "-F", "499", "--call-graph", "dwarf,16384", "-p", str(running.proc.pid),
+                                            "-o", data], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.5)
+        wrk(running.url, a.connections, a.duration)
+        perf.send_signal(signal.SIGINT)
+        _, err = perf.communicate(timeout=60)
+        if perf.returncode not in (0, -signal.SIGINT):
+            raise BenchError(f"perf record exited {perf.returncode}: {err}")
+        # Reported while the profiled binary still exists (meshlet's copy lives in the temp dir).
+        flat = run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "symbol",
+                    "--percent-limit", "0.7", "-g", "none"], capture=True)
+        tree = run(["perf", "report", "-i", data, "--stdio", "--children", "--sort", "symbol",
+                    "--percent-limit", "3", "-g", "none"], capture=True)
+    finally:
+        if running.proc:
+            bench.retire(running.proc)
+    with open(os.path.join(out_dir, "self.txt"), "w") as f:
+        f.write(flat)
+    with open(os.path.join(out_dir, "children.txt"), "w") as f:
+        f.write(tree)
+    lines = [re.sub(r"[\s-]+$", "", ln) for ln in flat.splitlines() if ln.strip() and not ln.startswith("#")]
+    print(f"\nperf profile of {name} at saturation (self time, top symbols; full reports in {out_dir}):")
+    print("\n".join(lines[:30]))
+
+
 def wrk(url, connections, duration):
-    out = run(NICE + ["taskset", "-c", LOADGEN_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", url],
+    out = run(PRIORITY + ["taskset", "-c", LOADGEN_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", url],
               capture=True)
     m = re.search(r"(\d+) requests in", out)
     rps = re.search(r"Requests/sec:\s*([\d.]+)", out)
@@ -339,7 +379,7 @@ def wrk(url, connections, duration):
 
 
 def oha(url, rate, connections, duration):
-    out = run(NICE + ["taskset", "-c", LOADGEN_CPU, OHA, "--no-tui", "--output-format", "json", "--latency-correction",
+    out = run(PRIORITY + ["taskset", "-c", LOADGEN_CPU, OHA, "--no-tui", "--output-format", "json", "--latency-correction",
                "-q", str(rate), "-c", str(connections), "-z", f"{duration}s", url], capture=True)
     try:
         data = json.loads(out)
@@ -537,7 +577,7 @@ def verdict(results):
 # ---- main -------------------------------------------------------------------------------------------
 
 OHA = "oha"
-NICE = []  # `nice -n N` for the load generator, set from --nice
+PRIORITY = []  # the same scheduling prefix for generator, origin and proxies: from --nice or --fifo
 
 
 def parse_args():
@@ -558,28 +598,33 @@ def parse_args():
     p.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     p.add_argument("--oha", default=shutil.which("oha") or "oha")
     p.add_argument("--nice", type=int, default=-10,
-                   help="niceness of the generator, origin and proxies (the same for all): keeps other work on "
-                        "this shared machine from pre-empting the measured processes as often")
+                   help="with --fifo 0: niceness of the generator, origin and proxies (the same for all)")
+    p.add_argument("--fifo", type=int, default=10, metavar="PRIO",
+                   help="run generator, origin and proxies SCHED_FIFO at this priority, so other work on a shared "
+                        "machine cannot pre-empt them (0: use --nice instead)")
+    p.add_argument("--profile", default=None, metavar="SYSTEM",
+                   help="after the rounds, profile SYSTEM with perf during one more saturation phase")
+    p.add_argument("--profile-dir", default=None, help="where perf.data and the reports go")
     p.add_argument("--json-out", default=None, help="also write every round's raw figures here")
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with configs and logs")
     return p.parse_args()
 
 
 def main():
-    global OHA, NICE
+    global OHA, PRIORITY
     args = parse_args()
     modes = MODES[args.mode]
     if callable(modes):
         modes(args)
     systems = args.systems.split(",") if args.systems else list(modes)
-    unknown = [s for s in systems if s not in modes]
+    unknown = [s for s in systems + ([args.profile] if args.profile else []) if s not in modes]
     if unknown:
         sys.exit(f"unknown system(s) {unknown} for mode {args.mode}; known: {list(modes)}")
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark creates a network namespace with an iptables rule "
                  "and runs meshlet as its own uid")
     OHA = args.oha
-    NICE = ["nice", "-n", str(args.nice)]
+    PRIORITY = ["chrt", "-f", str(args.fifo)] if args.fifo else ["nice", "-n", str(args.nice)]
     for tool in ["ip", "iptables", "taskset", "setpriv", "wrk", OHA, args.nginx]:
         if not shutil.which(tool):
             sys.exit(f"missing tool: {tool}")
@@ -607,7 +652,7 @@ def main():
     for k, v in versions.items():
         if v:
             print(f"{k}: {v}")
-    print(f"nice {args.nice} for generator, origin and proxies; generator on CPU {LOADGEN_CPU}, "
+    print(f"scheduling `{' '.join(PRIORITY)}` for generator, origin and proxies; generator on CPU {LOADGEN_CPU}, "
           f"origin + proxy on CPU {SUT_CPU}")
     print(f"rounds {args.rounds}; per system and round: wrk -t1 -c{args.connections} -d{args.duration}s after "
           f"{args.warmup}s warm-up; oha -q {args.rate} -c {args.rate_connections} -z {args.rate_duration}s "
@@ -641,6 +686,8 @@ def main():
                 print(line, flush=True)
             if not bench.origin.alive():
                 raise BenchError(f"origin exited:\n{bench.origin.log_tail()}")
+        if args.profile:
+            profile(bench, args.profile, modes[args.profile])
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
