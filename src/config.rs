@@ -19,16 +19,31 @@ pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4222,4444,5432,6379,9300,112
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct ProxyArgs {
     /// Outbound listeners: connections redirected from the app by iptables, or explicit HTTP proxy clients.
-    #[arg(long = "outbound-addr", env = "MESHLET_OUTBOUND_ADDR", value_delimiter = ',',
-          default_value = "127.0.0.1:15001,[::1]:15001", value_name = "ADDR,...")]
+    #[arg(
+        long = "outbound-addr",
+        env = "MESHLET_OUTBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:15001,[::1]:15001",
+        value_name = "ADDR,..."
+    )]
     pub outbound_addrs: Vec<SocketAddr>,
 
     /// Inbound listener: connections redirected to the pod's own ports.
-    #[arg(long, env = "MESHLET_INBOUND_ADDR", default_value = "0.0.0.0:15006", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "MESHLET_INBOUND_ADDR",
+        default_value = "0.0.0.0:15006",
+        value_name = "ADDR"
+    )]
     pub inbound_addr: SocketAddr,
 
     /// Admin listener: /metrics, /live, /ready, /config, POST /shutdown.
-    #[arg(long, env = "MESHLET_ADMIN_ADDR", default_value = "0.0.0.0:15020", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "MESHLET_ADMIN_ADDR",
+        default_value = "0.0.0.0:15020",
+        value_name = "ADDR"
+    )]
     pub admin_addr: SocketAddr,
 
     /// Worker threads of the data plane. A sidecar shares its pod's CPU: one or two is plenty.
@@ -117,7 +132,8 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     if let Ok(secs) = value.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(value).map_err(|e| format!("expected a duration such as 500ms, 10s or 1m ({e})"))
+    humantime::parse_duration(value)
+        .map_err(|e| format!("expected a duration such as 500ms, 10s or 1m ({e})"))
 }
 
 /// Serializes durations in `/config` the way they are written on the command line.
@@ -150,11 +166,20 @@ mod tests {
 
     #[test]
     fn bad_value_names_the_flag_and_the_value() {
-        let err = Cli::try_parse_from(["x", "--connect-timeout", "soon"]).err().unwrap().to_string();
+        let err = Cli::try_parse_from(["x", "--connect-timeout", "soon"])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("--connect-timeout"), "{err}");
         assert!(err.contains("soon"), "{err}");
-        let err = Cli::try_parse_from(["x", "--inbound-addr", "nowhere:99999"]).err().unwrap().to_string();
-        assert!(err.contains("--inbound-addr") && err.contains("nowhere:99999"), "{err}");
+        let err = Cli::try_parse_from(["x", "--inbound-addr", "nowhere:99999"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("--inbound-addr") && err.contains("nowhere:99999"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -4,5 +4,15 @@
 //! (protocol detection), `proxy` (HTTP and TCP forwarding), `metrics`, `admin`, `drain`, and `app`, which
 //! wires them together.
 
+pub mod admin;
+pub mod app;
 pub mod config;
+pub mod demo;
+pub mod detect;
+pub mod discovery;
+pub mod drain;
+pub mod init;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
 pub mod tls;

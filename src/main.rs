@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "meshlet", version, about = "A lightweight service-mesh sidecar proxy")]
+#[command(
+    name = "meshlet",
+    version,
+    about = "A lightweight service-mesh sidecar proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -12,7 +16,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar proxy (outbound, inbound and admin listeners).
-    Proxy(meshlet::config::ProxyArgs),
+    Proxy(Box<meshlet::config::ProxyArgs>),
+    /// Install the iptables rules that send the pod's traffic through the proxy (run once, as root).
+    Init(meshlet::init::InitArgs),
+    /// Run the demo shop as a local mesh on loopback.
+    Demo(meshlet::demo::DemoArgs),
     /// Print the version.
     Version,
 }
@@ -20,7 +28,9 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Proxy(_args) => anyhow::bail!("proxy: not wired yet"),
+        Command::Proxy(args) => meshlet::app::run(*args),
+        Command::Init(args) => Ok(meshlet::init::run(&args)?),
+        Command::Demo(args) => meshlet::demo::run(args),
         Command::Version => {
             println!("meshlet {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -1,0 +1,165 @@
+//! Wires the proxy together: binds every listener, starts the admin server, serves, drains.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context;
+use prometheus::Registry;
+use tokio::sync::{Notify, Semaphore};
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::ProxyArgs;
+use crate::drain;
+use crate::listener;
+use crate::metrics::{Direction, Metrics};
+use crate::proxy::pool::{Pool, PoolSettings};
+use crate::proxy::{self, Inputs};
+
+/// Runs `meshlet proxy` until it is told to stop and has drained.
+pub fn run(config: ProxyArgs) -> anyhow::Result<()> {
+    init_logging(&config)?;
+    let runtime = if config.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers.into())
+            .enable_all()
+            .build()
+    }
+    .context("failed to start the runtime")?;
+    let result = runtime.block_on(serve(config));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
+fn init_logging(config: &ProxyArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
+        .with_context(|| format!("invalid value '{}' for '--log' (MESHLET_LOG)", config.log))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let result = if config.log_format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    // A second initialisation (tests running several proxies in one process) keeps the first subscriber.
+    let _ = result;
+    Ok(())
+}
+
+async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
+    // Bind everything first: a bad or busy address fails start-up, not the first connection.
+    let mut outbound = Vec::new();
+    for addr in &config.outbound_addrs {
+        outbound.push(listener::bind("outbound", *addr)?);
+    }
+    let inbound = listener::bind("inbound", config.inbound_addr)?;
+    let admin_listener = listener::bind_std("admin", config.admin_addr)?;
+
+    let registry = Registry::new();
+    let metrics = Metrics::new(&registry).context("registering metrics")?;
+    let state = Arc::new(AdminState {
+        registry,
+        metrics: metrics.clone(),
+        ready: false.into(),
+        config_json: serde_json::to_string_pretty(&config)?,
+        shutdown: Notify::new(),
+    });
+    start_admin(admin_listener, state.clone())?;
+
+    let pool = Pool::new(PoolSettings {
+        connect_timeout: config.connect_timeout,
+        idle_timeout: config.pool_idle_timeout,
+        max_idle_per_destination: config.pool_max_idle_per_destination,
+    });
+    let inputs = Arc::new(Inputs {
+        connection_limit: Arc::new(Semaphore::new(config.max_connections as usize)),
+        config,
+        metrics,
+        pool,
+    });
+
+    let (signal, watch) = drain::channel();
+    for listener in outbound {
+        tokio::spawn(proxy::serve_listener(
+            inputs.clone(),
+            Direction::Outbound,
+            listener,
+            watch.clone(),
+        ));
+    }
+    tokio::spawn(proxy::serve_listener(
+        inputs.clone(),
+        Direction::Inbound,
+        inbound,
+        watch.clone(),
+    ));
+    drop(watch);
+    state.ready.store(true, Ordering::Release);
+    info!(
+        outbound = ?inputs.config.outbound_addrs,
+        inbound = %inputs.config.inbound_addr,
+        admin = %inputs.config.admin_addr,
+        "meshlet proxy ready"
+    );
+
+    wait_for_shutdown(&state.shutdown).await;
+    state.ready.store(false, Ordering::Release);
+    let config = &inputs.config;
+    info!(drain_delay = ?config.drain_delay, "shutdown requested; still serving during the drain delay");
+    tokio::time::sleep(config.drain_delay).await;
+    info!(drain_timeout = ?config.drain_timeout, "draining: no new connections, asking clients to close");
+    if tokio::time::timeout(config.drain_timeout, signal.drain())
+        .await
+        .is_err()
+    {
+        warn!("drain timeout reached with connections still open; closing them");
+    } else {
+        info!("drained");
+    }
+    Ok(())
+}
+
+/// The admin server gets its own thread and single-threaded runtime.
+fn start_admin(listener: std::net::TcpListener, state: Arc<AdminState>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the admin runtime")?;
+    std::thread::Builder::new()
+        .name("meshlet-admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => admin::serve(listener, state).await,
+                    Err(e) => warn!(error = %e, "admin listener failed"),
+                }
+            })
+        })
+        .context("failed to start the admin thread")?;
+    Ok(())
+}
+
+async fn wait_for_shutdown(admin: &Notify) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = admin.notified() => {}
+            }
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("received SIGTERM"),
+        _ = tokio::signal::ctrl_c() => info!("received SIGINT"),
+        _ = admin.notified() => {}
+    }
+}

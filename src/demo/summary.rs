@@ -1,0 +1,219 @@
+//! The demo's live table: per edge (calling pod → destination) requests, status classes and latency,
+//! read from each sidecar's own `/metrics`, the way a person would read them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// One sample of the Prometheus text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Metric name.
+    pub name: String,
+    /// Labels, sorted by name.
+    pub labels: BTreeMap<String, String>,
+    /// The value.
+    pub value: f64,
+}
+
+/// Parses the Prometheus text exposition format (no escapes inside label values are needed here).
+pub fn parse(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(parse_line)
+        .collect()
+}
+
+fn parse_line(line: &str) -> Option<Sample> {
+    let (series, value) = line.rsplit_once(' ')?;
+    let value = value.parse().ok()?;
+    let (name, labels) = match series.split_once('{') {
+        Some((name, rest)) => (name, rest.strip_suffix('}')?),
+        None => (series, ""),
+    };
+    let labels = labels
+        .split("\",")
+        .filter(|p| !p.is_empty())
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            Some((k.to_string(), v.trim_matches('"').to_string()))
+        })
+        .collect();
+    Some(Sample {
+        name: name.to_string(),
+        labels,
+        value,
+    })
+}
+
+/// Counters of one edge.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Edge {
+    /// Requests by status class (`2xx`, `4xx`, `5xx`, ...).
+    pub by_class: BTreeMap<String, f64>,
+    /// Cumulative latency histogram buckets (upper bound in seconds → count).
+    pub buckets: Vec<(f64, f64)>,
+}
+
+impl Edge {
+    /// All requests.
+    pub fn total(&self) -> f64 {
+        self.by_class.values().sum()
+    }
+
+    /// Share of requests that were not 5xx.
+    pub fn success_rate(&self) -> f64 {
+        let total = self.total();
+        if total == 0.0 {
+            return 1.0;
+        }
+        1.0 - self.by_class.get("5xx").copied().unwrap_or(0.0) / total
+    }
+
+    /// The latency under which `q` of requests finished, at bucket resolution.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.buckets.last()?.1;
+        if total == 0.0 {
+            return None;
+        }
+        self.buckets
+            .iter()
+            .find(|(_, count)| *count >= q * total)
+            .map(|(le, _)| *le)
+    }
+
+    /// This edge's counts since `earlier`.
+    pub fn since(&self, earlier: &Edge) -> Edge {
+        let by_class = self
+            .by_class
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v - earlier.by_class.get(k).copied().unwrap_or(0.0),
+                )
+            })
+            .collect();
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|(le, c)| {
+                (
+                    *le,
+                    c - earlier
+                        .buckets
+                        .iter()
+                        .find(|(l, _)| l == le)
+                        .map_or(0.0, |(_, c)| *c),
+                )
+            })
+            .collect();
+        Edge { by_class, buckets }
+    }
+}
+
+/// Outbound edges of one sidecar, by destination.
+pub fn outbound_edges(samples: &[Sample]) -> BTreeMap<String, Edge> {
+    let mut edges: BTreeMap<String, Edge> = BTreeMap::new();
+    for s in samples {
+        if s.labels.get("direction").map(String::as_str) != Some("outbound") {
+            continue;
+        }
+        let Some(dst) = s.labels.get("destination") else {
+            continue;
+        };
+        match s.name.as_str() {
+            "meshlet_requests_total" => {
+                let code = s.labels.get("status_code").map_or("?", String::as_str);
+                let class = format!("{}xx", code.chars().next().unwrap_or('?'));
+                *edges
+                    .entry(dst.clone())
+                    .or_default()
+                    .by_class
+                    .entry(class)
+                    .or_default() += s.value;
+            }
+            "meshlet_request_duration_seconds_bucket" => {
+                let le = s.labels.get("le").and_then(|v| {
+                    if v == "+Inf" {
+                        Some(f64::INFINITY)
+                    } else {
+                        v.parse().ok()
+                    }
+                });
+                if let Some(le) = le {
+                    edges
+                        .entry(dst.clone())
+                        .or_default()
+                        .buckets
+                        .push((le, s.value));
+                }
+            }
+            _ => {}
+        }
+    }
+    for edge in edges.values_mut() {
+        edge.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    edges
+}
+
+/// Formats the table: one row per edge over the last interval.
+pub fn render(rows: &[(String, String, Edge)], interval_secs: f64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<10} {:<16} {:>8} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9}",
+        "FROM", "TO", "RPS", "SUCCESS", "2xx", "4xx", "5xx", "P50", "P99"
+    );
+    for (from, to, edge) in rows {
+        let ms = |q| {
+            edge.quantile(q).map_or("-".to_string(), |s: f64| {
+                if s.is_finite() {
+                    format!("≤{}ms", s * 1000.0)
+                } else {
+                    ">30s".into()
+                }
+            })
+        };
+        let class = |c: &str| edge.by_class.get(c).copied().unwrap_or(0.0);
+        let _ = writeln!(
+            out,
+            "{:<10} {:<16} {:>8.1} {:>7.1}% {:>6} {:>6} {:>6} {:>9} {:>9}",
+            from,
+            to,
+            edge.total() / interval_secs,
+            edge.success_rate() * 100.0,
+            class("2xx"),
+            class("4xx"),
+            class("5xx"),
+            ms(0.5),
+            ms(0.99)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_proxy_exposition_into_edges() {
+        let text = r#"# HELP meshlet_requests_total x
+meshlet_requests_total{destination="127.0.3.1:8080",direction="outbound",method="POST",status_code="200",tls="false"} 9
+meshlet_requests_total{destination="127.0.3.1:8080",direction="outbound",method="POST",status_code="503",tls="false"} 1
+meshlet_request_duration_seconds_bucket{destination="127.0.3.1:8080",direction="outbound",le="0.001"} 5
+meshlet_request_duration_seconds_bucket{destination="127.0.3.1:8080",direction="outbound",le="0.01"} 9
+meshlet_request_duration_seconds_bucket{destination="127.0.3.1:8080",direction="outbound",le="+Inf"} 10
+"#;
+        let edges = outbound_edges(&parse(text));
+        let edge = &edges["127.0.3.1:8080"];
+        assert_eq!(edge.total(), 10.0);
+        assert!((edge.success_rate() - 0.9).abs() < 1e-9);
+        assert_eq!(edge.quantile(0.5), Some(0.001));
+        assert_eq!(edge.quantile(0.9), Some(0.01));
+        assert_eq!(edge.quantile(0.99), Some(f64::INFINITY));
+        let table = render(&[("order".into(), "inventory".into(), edge.clone())], 1.0);
+        assert!(table.contains("90.0%"), "{table}");
+    }
+}

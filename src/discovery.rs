@@ -1,0 +1,325 @@
+//! What the sidecar knows about the mesh: which destinations are meshed, the identity each must prove,
+//! where its sidecar accepts mTLS, and each service's inbound rules.
+//!
+//! The same [`MeshConfig`] schema is read from a local YAML file (`--mesh-config`) and, in a cluster, built
+//! by the control plane from Kubernetes objects. Destinations not listed are passed through plain.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::tls::{AllowList, SpiffeId};
+
+/// The mesh as configured: every known service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Services of the mesh.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One service: its endpoints, the identity they run as, and who may call it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Service name, used in logs and metrics.
+    pub name: String,
+    /// The SPIFFE identity every endpoint of the service must present.
+    pub identity: SpiffeId,
+    /// The service's endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+    /// Rules applied by the service's own sidecars to incoming connections.
+    #[serde(default)]
+    pub inbound: InboundConfig,
+}
+
+/// One endpoint: the application's address, and where its sidecar takes mTLS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// The application's address, as callers address it (pod IP and port).
+    pub address: SocketAddr,
+    /// The sidecar's inbound listener, when the pod has no iptables rules to redirect `address` to it
+    /// (the local demo). Absent: connect to `address` and let iptables hand the connection to the sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SocketAddr>,
+}
+
+/// Whether plaintext is accepted, and which identities may call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// `permissive` (mTLS and plaintext) or `strict` (mTLS only).
+    #[serde(default)]
+    pub mode: InboundMode,
+    /// Client identities allowed (`spiffe://…` exact, or `ns/<namespace>/*`). Absent: anyone the mode admits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<AllowList>,
+}
+
+/// Inbound mTLS mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMode {
+    /// mTLS from sidecars and plaintext from unmeshed clients.
+    #[default]
+    Permissive,
+    /// Only mTLS; plaintext connections are closed.
+    Strict,
+}
+
+/// Why a mesh configuration was refused; the last good one stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The file could not be read.
+    #[error("cannot read mesh config {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The YAML does not match the schema; serde's message names the field and the value.
+    #[error("invalid mesh config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Where and what.
+        message: String,
+    },
+    /// Two services claim the same endpoint address.
+    #[error("invalid mesh config: endpoint {address} is listed by both {first} and {second}")]
+    DuplicateEndpoint {
+        /// The address.
+        address: SocketAddr,
+        /// The first service listing it.
+        first: String,
+        /// The second service listing it.
+        second: String,
+    },
+}
+
+impl MeshConfig {
+    /// Reads and checks a YAML mesh configuration.
+    pub fn from_file(path: &Path) -> Result<Self, DiscoveryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DiscoveryError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text).map_err(|e| match e {
+            DiscoveryError::Parse { message, .. } => DiscoveryError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and checks YAML text.
+    pub fn from_yaml(text: &str) -> Result<Self, DiscoveryError> {
+        let config: MeshConfig = serde_yaml::from_str(text).map_err(|e| DiscoveryError::Parse {
+            path: "-".into(),
+            message: e.to_string(),
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), DiscoveryError> {
+        let mut owners: HashMap<SocketAddr, &str> = HashMap::new();
+        for service in &self.services {
+            for endpoint in &service.endpoints {
+                if let Some(first) = owners.insert(endpoint.address, &service.name) {
+                    return Err(DiscoveryError::DuplicateEndpoint {
+                        address: endpoint.address,
+                        first: first.to_string(),
+                        second: service.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A meshed destination as the outbound side needs it.
+#[derive(Debug, Clone)]
+pub struct MeshedEndpoint {
+    /// The service it belongs to.
+    pub service: Arc<str>,
+    /// The identity it must prove.
+    pub identity: SpiffeId,
+    /// Where to open the mTLS connection.
+    pub dial: SocketAddr,
+}
+
+/// The inbound rules of the service an application address belongs to.
+#[derive(Debug, Clone, Default)]
+pub struct InboundPolicy {
+    /// The service, when the address is known.
+    pub service: Option<Arc<str>>,
+    /// Plaintext accepted or not.
+    pub mode: InboundMode,
+    /// Who may call.
+    pub allow: Option<AllowList>,
+}
+
+impl InboundPolicy {
+    /// Whether a caller with this identity (`None`: plaintext) may call.
+    pub fn admits(&self, peer: Option<&SpiffeId>) -> bool {
+        match (&self.allow, peer) {
+            (None, Some(_)) => true,
+            (None, None) => self.mode == InboundMode::Permissive,
+            (Some(allow), Some(id)) => allow.allows(id),
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// Lookup tables built from a [`MeshConfig`].
+#[derive(Debug, Default)]
+pub struct MeshTable {
+    outbound: HashMap<SocketAddr, MeshedEndpoint>,
+    inbound: HashMap<SocketAddr, Arc<InboundPolicy>>,
+    default_inbound: Arc<InboundPolicy>,
+}
+
+impl MeshTable {
+    /// Indexes a configuration by endpoint address.
+    pub fn new(config: &MeshConfig) -> Self {
+        let mut table = MeshTable::default();
+        for service in &config.services {
+            let name: Arc<str> = service.name.as_str().into();
+            let policy = Arc::new(InboundPolicy {
+                service: Some(name.clone()),
+                mode: service.inbound.mode,
+                allow: service.inbound.allow.clone(),
+            });
+            for endpoint in &service.endpoints {
+                table.outbound.insert(
+                    endpoint.address,
+                    MeshedEndpoint {
+                        service: name.clone(),
+                        identity: service.identity.clone(),
+                        dial: endpoint.sidecar.unwrap_or(endpoint.address),
+                    },
+                );
+                table.inbound.insert(endpoint.address, policy.clone());
+            }
+        }
+        table
+    }
+
+    /// The meshed endpoint at `dst`, or `None` for a destination to pass through plain.
+    pub fn outbound(&self, dst: SocketAddr) -> Option<&MeshedEndpoint> {
+        self.outbound.get(&dst)
+    }
+
+    /// The inbound rules for the application address `app`.
+    pub fn inbound(&self, app: SocketAddr) -> Arc<InboundPolicy> {
+        self.inbound
+            .get(&app)
+            .cloned()
+            .unwrap_or_else(|| self.default_inbound.clone())
+    }
+}
+
+/// The current mesh table, replaced as a whole when the configuration changes.
+#[derive(Debug, Default)]
+pub struct Mesh {
+    current: RwLock<Arc<MeshTable>>,
+}
+
+impl Mesh {
+    /// A mesh with this configuration.
+    pub fn new(config: &MeshConfig) -> Self {
+        Mesh {
+            current: RwLock::new(Arc::new(MeshTable::new(config))),
+        }
+    }
+
+    /// The table in force now.
+    pub fn table(&self) -> Arc<MeshTable> {
+        match self.current.read() {
+            Ok(table) => table.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Puts a new configuration in force for the next lookups.
+    pub fn replace(&self, config: &MeshConfig) {
+        let table = Arc::new(MeshTable::new(config));
+        match self.current.write() {
+            Ok(mut current) => *current = table,
+            Err(poisoned) => *poisoned.into_inner() = table,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = r#"
+services:
+  - name: inventory
+    identity: spiffe://cluster.local/ns/shop/sa/inventory
+    endpoints:
+      - address: 127.0.3.1:8080
+        sidecar: 127.0.3.1:15006
+    inbound:
+      mode: strict
+      allow: ["ns/shop/*"]
+  - name: payment
+    identity: spiffe://cluster.local/ns/shop/sa/payment
+    endpoints:
+      - address: 10.0.0.4:8080
+"#;
+
+    #[test]
+    fn indexes_endpoints_and_inbound_rules() {
+        let table = MeshTable::new(&MeshConfig::from_yaml(YAML).unwrap());
+        let inventory = table.outbound("127.0.3.1:8080".parse().unwrap()).unwrap();
+        assert_eq!(inventory.dial, "127.0.3.1:15006".parse().unwrap());
+        assert_eq!(
+            inventory.identity.as_str(),
+            "spiffe://cluster.local/ns/shop/sa/inventory"
+        );
+        let payment = table.outbound("10.0.0.4:8080".parse().unwrap()).unwrap();
+        assert_eq!(payment.dial, "10.0.0.4:8080".parse().unwrap());
+        assert!(table.outbound("10.0.0.9:80".parse().unwrap()).is_none());
+
+        let strict = table.inbound("127.0.3.1:8080".parse().unwrap());
+        assert_eq!(strict.mode, InboundMode::Strict);
+        let order: SpiffeId = "spiffe://cluster.local/ns/shop/sa/order".parse().unwrap();
+        let stranger: SpiffeId = "spiffe://cluster.local/ns/other/sa/x".parse().unwrap();
+        assert!(strict.admits(Some(&order)));
+        assert!(!strict.admits(Some(&stranger)));
+        assert!(!strict.admits(None));
+        let open = table.inbound("10.0.0.4:8080".parse().unwrap());
+        assert!(open.admits(None) && open.admits(Some(&stranger)));
+    }
+
+    #[test]
+    fn errors_name_the_field_and_value() {
+        let err = MeshConfig::from_yaml("services:\n  - name: a\n    identity: spiffe://x/ns/a/sa/b\n    inbound: {mode: lax}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lax") && err.contains("mode"), "{err}");
+        let err = MeshConfig::from_yaml("services:\n  - name: a\n    identity: not-an-id\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not-an-id"), "{err}");
+        let dup = "services:\n  - {name: a, identity: 'spiffe://x/ns/a/sa/a', endpoints: [{address: '10.0.0.1:80'}]}\n  - {name: b, identity: 'spiffe://x/ns/a/sa/b', endpoints: [{address: '10.0.0.1:80'}]}\n";
+        let err = MeshConfig::from_yaml(dup).unwrap_err().to_string();
+        assert!(
+            err.contains("10.0.0.1:80") && err.contains('a') && err.contains('b'),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,390 @@
+//! HTTP forwarding: one request in, one request out, bodies streamed both ways.
+//!
+//! The request keeps its protocol (HTTP/1 → HTTP/1, HTTP/2 → HTTP/2), its `Host`, `x-request-id` and
+//! `traceparent`; hop-by-hop headers are removed (RFC 9110 §7.6.1) except `TE: trailers`. WebSocket upgrades
+//! and `CONNECT` tunnels get a connection of their own.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::error::ProxyError;
+use super::pool::Version;
+use super::{tcp, Body, Inputs};
+use crate::metrics::{method_label, Direction};
+
+/// Where requests on a connection go.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    /// The connection was redirected: every request goes to its original destination.
+    Original(SocketAddr),
+    /// The client uses the proxy explicitly: each request names its destination.
+    Explicit,
+}
+
+/// What every request on one client connection shares.
+pub struct ConnContext {
+    /// Proxy-wide state.
+    pub inputs: Arc<Inputs>,
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// Where requests go.
+    pub target: Target,
+    /// The protocol the client speaks, which the upstream connection speaks too.
+    pub version: Version,
+    /// Destination label, computed once for redirected connections.
+    pub destination_label: Option<String>,
+}
+
+/// Serves one request: forwards it, or answers with the proxy's own error.
+pub async fn serve(
+    ctx: Arc<ConnContext>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let method = method_label(req.method());
+    let (rsp, destination) = match forward(&ctx, req).await {
+        Ok(done) => done,
+        Err((e, destination)) => {
+            debug!(direction = ctx.direction.as_str(), error = %e, "request failed");
+            ctx.inputs.metrics.proxy_error(ctx.direction, e.reason());
+            (e.to_response(), destination)
+        }
+    };
+    let metrics = &ctx.inputs.metrics;
+    let status = rsp.status();
+    let destination = destination.as_deref().unwrap_or("unknown");
+    metrics
+        .requests
+        .with_label_values(&[
+            ctx.direction.as_str(),
+            destination,
+            method,
+            status.as_str(),
+            "false",
+        ])
+        .inc();
+    metrics
+        .request_duration
+        .with_label_values(&[ctx.direction.as_str(), destination])
+        .observe(start.elapsed().as_secs_f64());
+    Ok(rsp)
+}
+
+type Forwarded = (Response<Body>, Option<String>);
+type Failed = (ProxyError, Option<String>);
+
+async fn forward(ctx: &ConnContext, req: Request<Incoming>) -> Result<Forwarded, Failed> {
+    let (dst, label) = match ctx.target {
+        Target::Original(dst) => (
+            dst,
+            ctx.destination_label
+                .clone()
+                .unwrap_or_else(|| dst.to_string()),
+        ),
+        Target::Explicit => {
+            let authority = explicit_authority(&req).map_err(|e| (e, None))?;
+            let dst = resolve(&authority)
+                .await
+                .map_err(|e| (e, Some(authority.clone())))?;
+            (dst, authority)
+        }
+    };
+    let result = if req.method() == Method::CONNECT {
+        connect_tunnel(ctx, dst, req).await
+    } else if ctx.version == Version::Http1 && is_websocket_upgrade(req.headers()) {
+        websocket(ctx, dst, req).await
+    } else {
+        plain(ctx, dst, req).await
+    };
+    match result {
+        Ok(rsp) => Ok((rsp, Some(label))),
+        Err(e) => Err((e, Some(label))),
+    }
+}
+
+/// An ordinary request: through the pool, within the response timeout.
+async fn plain(
+    ctx: &ConnContext,
+    dst: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, true);
+    if ctx.version == Version::Http1 {
+        set_host_if_missing(&mut parts.headers, &parts.uri);
+        parts.uri = origin_form(&parts.uri);
+    }
+    let upstream_req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+    let timeout = ctx.inputs.config.response_timeout;
+    let rsp = tokio::time::timeout(
+        timeout,
+        ctx.inputs.pool.send(dst, ctx.version, upstream_req),
+    )
+    .await
+    .map_err(|_| ProxyError::ResponseTimeout(dst, timeout))??;
+    let (mut parts, body) = rsp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(Into::into).boxed(),
+    ))
+}
+
+/// `Upgrade: websocket` on HTTP/1.1: a dedicated upstream connection, then bytes both ways after `101`.
+async fn websocket(
+    ctx: &ConnContext,
+    dst: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, true);
+    set_upgrade_headers(&mut parts.headers);
+    set_host_if_missing(&mut parts.headers, &parts.uri);
+    parts.uri = origin_form(&parts.uri);
+    let mut sender = ctx.inputs.pool.connect_http1(dst, true).await?;
+    let upstream_req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+    let timeout = ctx.inputs.config.response_timeout;
+    let mut rsp = tokio::time::timeout(timeout, sender.send_request(upstream_req))
+        .await
+        .map_err(|_| ProxyError::ResponseTimeout(dst, timeout))?
+        .map_err(|e| ProxyError::UpstreamReset(dst, e))?;
+    if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_upgrade = hyper::upgrade::on(&mut rsp);
+        let inputs = ctx.inputs.clone();
+        let direction = ctx.direction;
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let label = dst.to_string();
+                    tcp::relay(
+                        &inputs,
+                        direction,
+                        &label,
+                        TokioIo::new(client),
+                        TokioIo::new(upstream),
+                    )
+                    .await;
+                }
+                Err(e) => debug!(%dst, error = %e, "websocket upgrade failed"),
+            }
+        });
+    }
+    let (mut parts, body) = rsp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        set_upgrade_headers(&mut parts.headers);
+    }
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(Into::into).boxed(),
+    ))
+}
+
+/// `CONNECT host:port`: connect first (so a failure is still a 502), answer 200, then relay bytes.
+async fn connect_tunnel(
+    ctx: &ConnContext,
+    dst: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let upstream = ctx.inputs.pool.connect_tcp(dst).await?;
+    let inputs = ctx.inputs.clone();
+    let direction = ctx.direction;
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(client) => {
+                let label = dst.to_string();
+                tcp::relay(&inputs, direction, &label, TokioIo::new(client), upstream).await;
+            }
+            Err(e) => debug!(%dst, error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    Ok(Response::new(
+        Empty::new().map_err(|never| match never {}).boxed(),
+    ))
+}
+
+/// The `host:port` an explicit-proxy request names.
+fn explicit_authority(req: &Request<Incoming>) -> Result<String, ProxyError> {
+    let uri = req.uri();
+    let authority = uri
+        .authority()
+        .ok_or_else(|| ProxyError::NotAProxyRequest(uri.to_string()))?;
+    if req.method() != Method::CONNECT && uri.scheme() != Some(&http::uri::Scheme::HTTP) {
+        return Err(ProxyError::NotAProxyRequest(uri.to_string()));
+    }
+    match authority.port_u16() {
+        Some(_) => Ok(authority.as_str().to_owned()),
+        None => Ok(format!("{}:80", authority.host())),
+    }
+}
+
+/// Resolves `host:port`; IP literals skip the resolver.
+async fn resolve(authority: &str) -> Result<SocketAddr, ProxyError> {
+    if let Ok(addr) = authority.parse() {
+        return Ok(addr);
+    }
+    let unbracketed = authority.replace(['[', ']'], "");
+    if let Ok(addr) = unbracketed.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let fail = |reason: String| ProxyError::Resolve {
+        host: authority.to_string(),
+        reason,
+    };
+    let mut addrs = tokio::net::lookup_host(authority)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    addrs.next().ok_or_else(|| fail("no addresses".into()))
+}
+
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    }
+}
+
+fn set_host_if_missing(headers: &mut HeaderMap, uri: &Uri) {
+    if headers.contains_key(header::HOST) {
+        return;
+    }
+    if let Some(value) = uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        headers.insert(header::HOST, value);
+    }
+}
+
+/// Whether a request asks to switch to WebSocket (the only upgrade meshlet forwards; `h2c` is dropped).
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let upgrade = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    connection_upgrade && upgrade.is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket"))
+}
+
+fn set_upgrade_headers(headers: &mut HeaderMap) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including any named in `Connection`.
+///
+/// `TE: trailers` survives on requests, since gRPC servers need it to send trailers.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
+    // Most messages carry none of these: one pass over the names is cheaper than a lookup per name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = is_request
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP_NONSTANDARD {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+const HOP_BY_HOP_NONSTANDARD: [&str; 3] = ["keep-alive", "proxy-connection", "http2-settings"];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || HOP_BY_HOP_NONSTANDARD.contains(&name.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_but_te_trailers_and_tracing_stay() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret, upgrade"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAAP__"),
+        );
+        h.insert("te", HeaderValue::from_static("trailers, deflate"));
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        h.insert("host", HeaderValue::from_static("svc"));
+        assert!(!is_websocket_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "upgrade",
+            "http2-settings",
+        ] {
+            assert!(!names.contains(&gone), "{gone} kept: {names:?}");
+        }
+        for kept in ["traceparent", "x-request-id", "host"] {
+            assert!(names.contains(&kept), "{kept} dropped");
+        }
+    }
+
+    #[test]
+    fn websocket_upgrades_are_recognised() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(is_websocket_upgrade(&h));
+    }
+}

@@ -1,0 +1,155 @@
+//! Opaque TCP: bytes both ways, half-close respected, idle connections closed, bytes counted.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::Inputs;
+use crate::metrics::Direction;
+
+/// Copy buffer per direction: large enough for bulk transfers, small enough for many idle connections.
+const COPY_BUFFER: usize = 16 * 1024;
+
+/// Proxies an opaque connection to `dst`, first sending the bytes already read by detection.
+pub async fn proxy(
+    inputs: &Inputs,
+    direction: Direction,
+    dst: SocketAddr,
+    prefix: Bytes,
+    client: TcpStream,
+) {
+    let label = dst.to_string();
+    let mut upstream = match inputs.pool.connect_tcp(dst).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            debug!(%dst, error = %e, "opaque connect failed");
+            inputs.metrics.proxy_error(direction, e.reason());
+            return;
+        }
+    };
+    if !prefix.is_empty() {
+        if let Err(e) = upstream.write_all(&prefix).await {
+            debug!(%dst, error = %e, "opaque write failed");
+            return;
+        }
+        inputs
+            .metrics
+            .tcp_bytes
+            .with_label_values(&[direction.as_str(), &label, "to_upstream"])
+            .inc_by(prefix.len() as u64);
+    }
+    relay(inputs, direction, &label, client, upstream).await;
+}
+
+/// Copies bytes both ways until both sides have closed, or nothing moved for the idle timeout.
+///
+/// When one side finishes sending, the other side's write half is shut down and the other direction goes
+/// on (half-close), as `tokio::io::copy_bidirectional` does.
+pub async fn relay<C, U>(inputs: &Inputs, direction: Direction, label: &str, client: C, upstream: U)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let metrics = &inputs.metrics;
+    let dir = direction.as_str();
+    metrics.tcp_opened.with_label_values(&[dir, label]).inc();
+    let open = metrics.tcp_open.with_label_values(&[dir]);
+    open.inc();
+
+    let to_upstream = Arc::new(AtomicU64::new(0));
+    let from_upstream = Arc::new(AtomicU64::new(0));
+    let mut client = Counted {
+        inner: client,
+        read: to_upstream.clone(),
+    };
+    let mut upstream = Counted {
+        inner: upstream,
+        read: from_upstream.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    );
+    tokio::pin!(copy);
+    let idle = inputs.config.tcp_idle_timeout;
+    let mut seen = (0, 0);
+    loop {
+        tokio::select! {
+            result = &mut copy => {
+                if let Err(e) = result {
+                    debug!(destination = label, error = %e, "tcp relay ended with an error");
+                }
+                break;
+            }
+            _ = tokio::time::sleep(idle) => {
+                let now = (to_upstream.load(Ordering::Relaxed), from_upstream.load(Ordering::Relaxed));
+                if now == seen {
+                    debug!(destination = label, "closing idle tcp connection");
+                    metrics.proxy_error(direction, "tcp-idle-timeout");
+                    break;
+                }
+                seen = now;
+            }
+        }
+    }
+    open.dec();
+    metrics.tcp_closed.with_label_values(&[dir, label]).inc();
+    metrics
+        .tcp_bytes
+        .with_label_values(&[dir, label, "to_upstream"])
+        .inc_by(to_upstream.load(Ordering::Relaxed));
+    metrics
+        .tcp_bytes
+        .with_label_values(&[dir, label, "from_upstream"])
+        .inc_by(from_upstream.load(Ordering::Relaxed));
+}
+
+/// Counts the bytes read from the wrapped IO.
+struct Counted<I> {
+    inner: I,
+    read: Arc<AtomicU64>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.read.fetch_add(n, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
