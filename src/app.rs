@@ -10,11 +10,14 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::ProxyArgs;
+use crate::discovery::{self, Mesh, MeshConfig};
 use crate::drain;
 use crate::listener;
 use crate::metrics::{Direction, Metrics};
+use crate::proxy::mesh::MeshClient;
 use crate::proxy::pool::{Pool, PoolSettings};
 use crate::proxy::{self, Inputs};
+use crate::tls::{self, CertManager};
 
 /// Runs `meshlet proxy` until it is told to stop and has drained.
 pub fn run(config: ProxyArgs) -> anyhow::Result<()> {
@@ -53,12 +56,22 @@ fn init_logging(config: &ProxyArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
+    // Check what can be checked before binding anything: a bad setting fails start-up with its name.
+    let identity = config.identity.settings()?;
+    let mesh_config = match &config.mesh_config {
+        Some(path) => MeshConfig::from_file(path)?,
+        None => MeshConfig::default(),
+    };
+
     // Bind everything first: a bad or busy address fails start-up, not the first connection.
     let mut outbound = Vec::new();
     for addr in &config.outbound_addrs {
         outbound.push(listener::bind("outbound", *addr)?);
     }
-    let inbound = listener::bind("inbound", config.inbound_addr)?;
+    let mut inbound = Vec::new();
+    for addr in &config.inbound_addrs {
+        inbound.push(listener::bind("inbound", *addr)?);
+    }
     let admin_listener = listener::bind_std("admin", config.admin_addr)?;
 
     let registry = Registry::new();
@@ -72,6 +85,23 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
     });
     start_admin(admin_listener, state.clone())?;
 
+    // With a control plane, the sidecar gets its certificate first and is ready only once it has one.
+    let (mesh_client, tls_server, store) = match identity {
+        Some(settings) => {
+            let manager = CertManager::new(settings)?;
+            let store = manager.store().clone();
+            tokio::spawn(manager.run());
+            let server = tls::server_config(&store)?;
+            let client = Arc::new(MeshClient::new(store.clone(), config.connect_timeout));
+            (Some(client), Some(server), Some(store))
+        }
+        None => (None, None, None),
+    };
+
+    let mesh = Arc::new(Mesh::new(&mesh_config));
+    if let Some(path) = &config.mesh_config {
+        discovery::watch_file(path.clone(), mesh.clone());
+    }
     let pool = Pool::new(PoolSettings {
         connect_timeout: config.connect_timeout,
         idle_timeout: config.pool_idle_timeout,
@@ -82,6 +112,9 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
         config,
         metrics,
         pool,
+        mesh,
+        mesh_client,
+        tls_server,
     });
 
     let (signal, watch) = drain::channel();
@@ -93,19 +126,29 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
             watch.clone(),
         ));
     }
-    tokio::spawn(proxy::serve_listener(
-        inputs.clone(),
-        Direction::Inbound,
-        inbound,
-        watch.clone(),
-    ));
+    for listener in inbound {
+        tokio::spawn(proxy::serve_listener(
+            inputs.clone(),
+            Direction::Inbound,
+            listener,
+            watch.clone(),
+        ));
+    }
     drop(watch);
-    state.ready.store(true, Ordering::Release);
+    let ready_state = state.clone();
+    tokio::spawn(async move {
+        if let Some(store) = store {
+            info!("waiting for the workload certificate");
+            store.ready().await;
+        }
+        ready_state.ready.store(true, Ordering::Release);
+        info!("meshlet proxy ready");
+    });
     info!(
         outbound = ?inputs.config.outbound_addrs,
-        inbound = %inputs.config.inbound_addr,
+        inbound = ?inputs.config.inbound_addrs,
         admin = %inputs.config.admin_addr,
-        "meshlet proxy ready"
+        "listeners bound"
     );
 
     wait_for_shutdown(&state.shutdown).await;

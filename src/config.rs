@@ -28,14 +28,16 @@ pub struct ProxyArgs {
     )]
     pub outbound_addrs: Vec<SocketAddr>,
 
-    /// Inbound listener: connections redirected to the pod's own ports.
+    /// Inbound listeners: connections redirected to the pod's own ports (IPv4 and IPv6), and mTLS from peer
+    /// sidecars.
     #[arg(
-        long,
+        long = "inbound-addr",
         env = "MESHLET_INBOUND_ADDR",
-        default_value = "0.0.0.0:15006",
-        value_name = "ADDR"
+        value_delimiter = ',',
+        default_value = "0.0.0.0:15006,[::]:15006",
+        value_name = "ADDR,..."
     )]
-    pub inbound_addr: SocketAddr,
+    pub inbound_addrs: Vec<SocketAddr>,
 
     /// Admin listener: /metrics, /live, /ready, /config, POST /shutdown.
     #[arg(
@@ -118,6 +120,15 @@ pub struct ProxyArgs {
     #[serde(with = "humantime_serde_compat")]
     pub drain_timeout: Duration,
 
+    /// YAML file of the mesh's services: endpoints, identities, inbound rules. Re-read when it changes.
+    /// Absent: every destination is passed through plain.
+    #[arg(long, env = "MESHLET_MESH_CONFIG", value_name = "FILE")]
+    pub mesh_config: Option<std::path::PathBuf>,
+
+    /// Workload identity (needs a control plane; absent, the sidecar runs plain).
+    #[command(flatten)]
+    pub identity: crate::tls::IdentityArgs,
+
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "MESHLET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -185,7 +196,7 @@ mod tests {
     #[test]
     fn defaults_are_the_standard_sidecar_ports() {
         let cli = Cli::try_parse_from(["x"]).unwrap();
-        assert_eq!(cli.args.inbound_addr.port(), 15006);
+        assert_eq!(cli.args.inbound_addrs[0].port(), 15006);
         assert_eq!(cli.args.admin_addr.port(), 15020);
         assert_eq!(cli.args.outbound_addrs.len(), 2);
         assert!(cli.args.opaque_ports.contains(&6379));

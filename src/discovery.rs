@@ -261,6 +261,33 @@ impl Mesh {
     }
 }
 
+/// Re-reads the mesh file when it changes; a bad edit is logged with the field and value, and the last
+/// good configuration stays in force.
+pub fn watch_file(path: std::path::PathBuf, mesh: Arc<Mesh>) {
+    tokio::spawn(async move {
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut seen = modified(&path);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let now = modified(&path);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match MeshConfig::from_file(&path) {
+                Ok(config) => {
+                    mesh.replace(&config);
+                    tracing::info!(path = %path.display(), services = config.services.len(), "mesh config reloaded");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "mesh config change refused; keeping the last good one")
+                }
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

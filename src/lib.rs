@@ -12,6 +12,7 @@ pub mod detect;
 pub mod discovery;
 pub mod drain;
 pub mod init;
+pub mod inject;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

@@ -21,6 +21,15 @@ enum Command {
     Init(meshlet::init::InitArgs),
     /// Run the demo shop as a local mesh on loopback.
     Demo(meshlet::demo::DemoArgs),
+    /// Add the mesh's init and proxy containers to the workloads in a YAML file (`-` = stdin); prints
+    /// the result on stdout and the warnings on stderr.
+    Inject {
+        /// Manifests to inject (multi-document YAML, Lists allowed), or `-` for stdin.
+        file: std::path::PathBuf,
+        /// Injection settings (the chart's `inject.yaml`); built-in defaults when absent.
+        #[arg(long, env = "MESHLET_INJECT_CONFIG")]
+        config: Option<std::path::PathBuf>,
+    },
     /// Print the version.
     Version,
 }
@@ -31,6 +40,24 @@ fn main() -> anyhow::Result<()> {
         Command::Proxy(args) => meshlet::app::run(*args),
         Command::Init(args) => Ok(meshlet::init::run(&args)?),
         Command::Demo(args) => meshlet::demo::run(args),
+        Command::Inject { file, config } => {
+            let config = match config {
+                Some(path) => meshlet::inject::InjectConfig::from_yaml_file(&path)?,
+                None => meshlet::inject::InjectConfig::default(),
+            };
+            let input = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
+            };
+            let injected = meshlet::inject::inject_yaml(&input, &config)?;
+            for warning in &injected.warnings {
+                eprintln!("warning: {warning}");
+            }
+            print!("{}", injected.yaml);
+            Ok(())
+        }
         Command::Version => {
             println!("meshlet {}", env!("CARGO_PKG_VERSION"));
             Ok(())

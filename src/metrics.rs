@@ -34,7 +34,8 @@ impl Direction {
 /// Every data-path metric of the proxy.
 #[derive(Clone)]
 pub struct Metrics {
-    /// Requests by direction, destination, method, status code and whether they travelled over mTLS.
+    /// Requests by direction, destination, method, status code, whether they travelled over mTLS, and the
+    /// peer sidecar's identity (the server's on outbound, the caller's on inbound; empty for plaintext).
     pub requests: IntCounterVec,
     /// Time from receiving a request to sending the response head.
     pub request_duration: HistogramVec,
@@ -61,7 +62,14 @@ impl Metrics {
                 "meshlet_requests_total",
                 "HTTP requests handled, by response status",
             ),
-            &["direction", "destination", "method", "status_code", "tls"],
+            &[
+                "direction",
+                "destination",
+                "method",
+                "status_code",
+                "tls",
+                "peer_identity",
+            ],
         )?;
         let request_duration = HistogramVec::new(
             HistogramOpts::new(

@@ -35,6 +35,15 @@ fn demo_runs_the_shop_through_sidecars() {
         );
     }
     assert!(stdout.contains("100.0%"), "{stdout}");
+    if std::path::Path::new(common::MESHLET)
+        .with_file_name("meshlet-control")
+        .exists()
+    {
+        assert!(
+            stdout.contains("mTLS") && stdout.contains(" 100%"),
+            "sidecars should speak mTLS:\n{stdout}"
+        );
+    }
     let last = stdout.lines().last().unwrap_or_default();
     assert!(last.contains(", 0 failed"), "{last}");
     let placed: u64 = last

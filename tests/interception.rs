@@ -50,6 +50,7 @@ struct Sidecar {
 struct Pods {
     client_sidecar: Sidecar,
     server_sidecar: Sidecar,
+    _extra_apps: Vec<Background>,
     app: Background,
     client: Netns,
     server: Netns,
@@ -61,6 +62,11 @@ impl Pods {
     /// Builds both pods with addresses of one family, starts the app on the server's address, then
     /// intercepts both pods and starts their sidecars.
     fn start(family: &Family) -> Pods {
+        Pods::start_with(family, &[])
+    }
+
+    /// Like [`Pods::start`], with more server-pod apps (argv lists) started before interception.
+    fn start_with(family: &Family, extra_apps: &[&[&str]]) -> Pods {
         let Family {
             client_ip,
             server_ip,
@@ -129,12 +135,18 @@ impl Pods {
             curl_in(&server, &["-s", &app_url(server_ip)]).filter(|body| body == PAGE)
         });
 
+        let mut extras = Vec::new();
+        for (i, argv) in extra_apps.iter().enumerate() {
+            extras.push(server.spawn(argv, &dir.path().join(format!("extra-{i}.log"))));
+        }
+
         let proxy_args = ["--inbound-addr", inbound_addr];
         let server_sidecar = start_sidecar(&server, meshlet, &dir, "server", &proxy_args);
         let client_sidecar = start_sidecar(&client, meshlet, &dir, "client", &proxy_args);
         Pods {
             client_sidecar,
             server_sidecar,
+            _extra_apps: extras,
             app,
             client,
             server,
@@ -325,4 +337,160 @@ fn curl_reaches_the_server_through_both_sidecars_over_ipv6() {
     };
     let pods = Pods::start(&IPV6);
     assert_intercepted(&pods, IPV6.server_ip);
+}
+
+/// A line-echo server that speaks first (an SMTP-style banner), and a plain echo server, in Python.
+const BANNER_SERVER: &str = r#"
+import socket, sys, threading
+def serve(port, banner):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], port)); s.listen(16)
+    while True:
+        c, _ = s.accept()
+        def talk(c=c):
+            if banner: c.sendall(b"220 meshlet-test ready\r\n")
+            while True:
+                d = c.recv(4096)
+                if not d: break
+                c.sendall(d)
+            c.close()
+        threading.Thread(target=talk, daemon=True).start()
+threading.Thread(target=serve, args=(25, True), daemon=True).start()
+serve(9000, False)
+"#;
+
+/// Talks to the server pod's TCP apps from the client pod: waits for the banner, then echoes a line.
+const TCP_CLIENT: &str = r#"
+import socket, sys
+host, port, banner = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "banner"
+c = socket.create_connection((host, port), timeout=5)
+if banner:
+    got = c.recv(100)
+    assert got.startswith(b"220 "), got
+c.sendall(b"hello through two sidecars\n")
+buf = b""
+while not buf.endswith(b"\n"):
+    d = c.recv(100)
+    if not d: break
+    buf += d
+assert buf == b"hello through two sidecars\n", buf
+print("ok")
+"#;
+
+/// Opaque TCP through both sidecars: Redis (an opaque port, `redis-cli`), a server-speaks-first protocol on
+/// an opaque port (SMTP's 25: the banner must arrive without the client sending anything), and binary-ish
+/// bytes on an ordinary port (detected as opaque).
+#[test]
+fn opaque_tcp_and_server_first_protocols_pass_both_sidecars() {
+    let Some(_lock) =
+        netns::lock_if_root("opaque_tcp_and_server_first_protocols_pass_both_sidecars")
+    else {
+        return;
+    };
+    for tool in ["redis-server", "redis-cli"] {
+        if !common::have(tool) {
+            return common::skip_or_fail(&format!(
+                "{tool} is not installed (Debian package redis-server)"
+            ));
+        }
+    }
+    let ip = IPV4.server_ip;
+    let redis = [
+        "redis-server",
+        "--bind",
+        ip,
+        "--port",
+        "6379",
+        "--protected-mode",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ];
+    let banner = ["python3", "-c", BANNER_SERVER, ip];
+    let pods = Pods::start_with(&IPV4, &[&redis, &banner]);
+    wait_for(
+        "redis and the banner server",
+        Duration::from_secs(20),
+        || {
+            let up = pods
+                .server
+                .command(&["redis-cli", "-h", ip, "PING"])
+                .output()
+                .ok()?;
+            (String::from_utf8_lossy(&up.stdout).trim() == "PONG").then_some(())
+        },
+    );
+
+    let redis_cli = |args: &[&str]| {
+        let out = pods
+            .client
+            .command(&[&["redis-cli", "-h", ip], args].concat())
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        redis_cli(&["SET", "order:7", "placed"]),
+        "OK",
+        "{}",
+        pods.logs()
+    );
+    assert_eq!(redis_cli(&["GET", "order:7"]), "placed", "{}", pods.logs());
+    for (port, mode) in [("25", "banner"), ("9000", "plain")] {
+        let out = pods
+            .client
+            .command(&["python3", "-c", TCP_CLIENT, ip, port, mode])
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "port {port}: {}\n{}",
+            netns::describe(&out),
+            pods.logs()
+        );
+    }
+
+    let metrics_of =
+        |pod: &Netns| curl_in(pod, &["-sS", "http://127.0.0.1:15020/metrics"]).unwrap_or_default();
+    let (client_metrics, server_metrics) = wait_for(
+        "the sidecars to count the connections",
+        Duration::from_secs(10),
+        || {
+            let (c, s) = (metrics_of(&pods.client), metrics_of(&pods.server));
+            let closed = |m: &str, dir: &str| {
+                common::sum_metric(
+                    m,
+                    "meshlet_tcp_connections_closed_total",
+                    &[&format!("direction=\"{dir}\"")],
+                )
+            };
+            (closed(&c, "outbound") >= 4.0 && closed(&s, "inbound") >= 4.0).then_some((c, s))
+        },
+    );
+    for port in ["6379", "25", "9000"] {
+        let dst = format!("destination=\"{ip}:{port}\"");
+        for (m, dir) in [(&client_metrics, "outbound"), (&server_metrics, "inbound")] {
+            let bytes = common::sum_metric(
+                m,
+                "meshlet_tcp_bytes_total",
+                &[
+                    &dst,
+                    &format!("direction=\"{dir}\""),
+                    "flow=\"from_upstream\"",
+                ],
+            );
+            assert!(
+                bytes > 0.0,
+                "{dir} {dst}: no bytes counted\n{}",
+                pods.logs()
+            );
+        }
+    }
+    assert_eq!(
+        requests(&client_metrics, "outbound", &[]),
+        0.0,
+        "opaque traffic must not be parsed as HTTP"
+    );
 }

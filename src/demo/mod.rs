@@ -4,10 +4,12 @@
 //! standard ports (15001 outbound, 15006 inbound, 15020 admin) and the app its usual 8080. Apps reach each
 //! other through their own sidecar in explicit-proxy mode, the way an app with `HTTP_PROXY` would.
 
+mod control;
 pub mod shop;
 pub mod summary;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,7 +42,7 @@ pub struct DemoArgs {
 }
 
 /// A pod of the demo: a name, an address, and (for apps) the service it runs.
-struct Pod {
+pub(crate) struct Pod {
     name: &'static str,
     ip: IpAddr,
     service: Option<Service>,
@@ -75,12 +77,53 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let exe =
         std::env::current_exe().context("cannot find the meshlet binary to start sidecars")?;
     let pods = pods();
-    let mut sidecars = Vec::new();
-    for pod in &pods {
-        sidecars.push(start_sidecar(&exe, pod)?);
+    let workdir = std::env::temp_dir().join(format!("meshlet-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
+    let result = run_mesh(&args, &exe, &pods, &workdir).await;
+    let _ = std::fs::remove_dir_all(&workdir);
+    result
+}
+
+async fn run_mesh(args: &DemoArgs, exe: &Path, pods: &[Pod], workdir: &Path) -> anyhow::Result<()> {
+    let mut children = Vec::new();
+    let control = match exe
+        .parent()
+        .map(|dir| dir.join("meshlet-control"))
+        .filter(|p| p.exists())
+    {
+        Some(binary) => {
+            let cp = control::start(&binary, pods, workdir).await?;
+            println!("control plane: local mode, issuing a certificate to every sidecar (all traffic between sidecars is mTLS)");
+            children.push(cp.child);
+            Some(cp.sidecar_flags)
+        }
+        None => {
+            println!(
+                "meshlet-control was not found beside {}: running without identity (plaintext).",
+                exe.display()
+            );
+            println!("  build both binaries with `cargo build --release --workspace` (./scripts/demo does) for mTLS.");
+            None
+        }
+    };
+    let mesh_file = workdir.join("mesh.yaml");
+    std::fs::write(&mesh_file, control::mesh_yaml(pods, APP_PORT))
+        .context("writing the demo mesh file")?;
+    let mut result = Ok(());
+    for pod in pods {
+        let identity = control.as_ref().map(|flags| flags(pod));
+        match start_sidecar(exe, pod, identity, &mesh_file) {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
     }
-    let result = run_shop(&args, &pods).await;
-    for child in &mut sidecars {
+    if result.is_ok() {
+        result = run_shop(args, pods).await;
+    }
+    for child in children.iter_mut().rev() {
         stop(child).await;
     }
     result
@@ -251,7 +294,12 @@ async fn print_summary(
     now
 }
 
-fn start_sidecar(exe: &std::path::Path, pod: &Pod) -> anyhow::Result<Child> {
+fn start_sidecar(
+    exe: &Path,
+    pod: &Pod,
+    identity: Option<Vec<String>>,
+    mesh_file: &Path,
+) -> anyhow::Result<Child> {
     let at = |port: u16| SocketAddr::new(pod.ip, port).to_string();
     Command::new(exe)
         .arg("proxy")
@@ -271,6 +319,9 @@ fn start_sidecar(exe: &std::path::Path, pod: &Pod) -> anyhow::Result<Child> {
             "--log",
             "warn",
         ])
+        .arg("--mesh-config")
+        .arg(mesh_file)
+        .args(identity.unwrap_or_default())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .kill_on_drop(true)

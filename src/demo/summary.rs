@@ -52,12 +52,24 @@ pub struct Edge {
     pub by_class: BTreeMap<String, f64>,
     /// Cumulative latency histogram buckets (upper bound in seconds → count).
     pub buckets: Vec<(f64, f64)>,
+    /// Requests that travelled over mTLS.
+    pub mtls: f64,
 }
 
 impl Edge {
     /// All requests.
     pub fn total(&self) -> f64 {
         self.by_class.values().sum()
+    }
+
+    /// Share of requests that travelled over mTLS.
+    pub fn mtls_share(&self) -> f64 {
+        let total = self.total();
+        if total == 0.0 {
+            0.0
+        } else {
+            self.mtls / total
+        }
     }
 
     /// Share of requests that were not 5xx.
@@ -107,7 +119,11 @@ impl Edge {
                 )
             })
             .collect();
-        Edge { by_class, buckets }
+        Edge {
+            by_class,
+            buckets,
+            mtls: self.mtls - earlier.mtls,
+        }
     }
 }
 
@@ -125,12 +141,11 @@ pub fn outbound_edges(samples: &[Sample]) -> BTreeMap<String, Edge> {
             "meshlet_requests_total" => {
                 let code = s.labels.get("status_code").map_or("?", String::as_str);
                 let class = format!("{}xx", code.chars().next().unwrap_or('?'));
-                *edges
-                    .entry(dst.clone())
-                    .or_default()
-                    .by_class
-                    .entry(class)
-                    .or_default() += s.value;
+                let edge = edges.entry(dst.clone()).or_default();
+                *edge.by_class.entry(class).or_default() += s.value;
+                if s.labels.get("tls").map(String::as_str) == Some("true") {
+                    edge.mtls += s.value;
+                }
             }
             "meshlet_request_duration_seconds_bucket" => {
                 let le = s.labels.get("le").and_then(|v| {
@@ -162,8 +177,8 @@ pub fn render(rows: &[(String, String, Edge)], interval_secs: f64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<16} {:>8} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9}",
-        "FROM", "TO", "RPS", "SUCCESS", "2xx", "4xx", "5xx", "P50", "P99"
+        "{:<10} {:<16} {:>8} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>7}",
+        "FROM", "TO", "RPS", "SUCCESS", "2xx", "4xx", "5xx", "P50", "P99", "MTLS"
     );
     for (from, to, edge) in rows {
         let ms = |q| {
@@ -178,7 +193,7 @@ pub fn render(rows: &[(String, String, Edge)], interval_secs: f64) -> String {
         let class = |c: &str| edge.by_class.get(c).copied().unwrap_or(0.0);
         let _ = writeln!(
             out,
-            "{:<10} {:<16} {:>8.1} {:>7.1}% {:>6} {:>6} {:>6} {:>9} {:>9}",
+            "{:<10} {:<16} {:>8.1} {:>7.1}% {:>6} {:>6} {:>6} {:>9} {:>9} {:>6.0}%",
             from,
             to,
             edge.total() / interval_secs,
@@ -187,7 +202,8 @@ pub fn render(rows: &[(String, String, Edge)], interval_secs: f64) -> String {
             class("4xx"),
             class("5xx"),
             ms(0.5),
-            ms(0.99)
+            ms(0.99),
+            edge.mtls_share() * 100.0
         );
     }
     out
@@ -200,7 +216,7 @@ mod tests {
     #[test]
     fn parses_the_proxy_exposition_into_edges() {
         let text = r#"# HELP meshlet_requests_total x
-meshlet_requests_total{destination="127.0.3.1:8080",direction="outbound",method="POST",status_code="200",tls="false"} 9
+meshlet_requests_total{destination="127.0.3.1:8080",direction="outbound",method="POST",peer_identity="spiffe://cluster.local/ns/shop/sa/inventory",status_code="200",tls="true"} 9
 meshlet_requests_total{destination="127.0.3.1:8080",direction="outbound",method="POST",status_code="503",tls="false"} 1
 meshlet_request_duration_seconds_bucket{destination="127.0.3.1:8080",direction="outbound",le="0.001"} 5
 meshlet_request_duration_seconds_bucket{destination="127.0.3.1:8080",direction="outbound",le="0.01"} 9
@@ -215,5 +231,6 @@ meshlet_request_duration_seconds_bucket{destination="127.0.3.1:8080",direction="
         assert_eq!(edge.quantile(0.99), Some(f64::INFINITY));
         let table = render(&[("order".into(), "inventory".into(), edge.clone())], 1.0);
         assert!(table.contains("90.0%"), "{table}");
+        assert!((edge.mtls_share() - 0.9).abs() < 1e-9);
     }
 }

@@ -5,7 +5,7 @@
 //! and `CONNECT` tunnels get a connection of their own.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -17,9 +17,13 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::error::ProxyError;
-use super::pool::Version;
+use super::mesh::{ORIG_PROTO_HEADER, PEER_ID_HEADER, TARGET_PORT_HEADER};
+use super::pool::{self, Version};
+use super::transport::{Carried, TransportHeader};
 use super::{tcp, Body, Inputs};
+use crate::discovery::MeshedEndpoint;
 use crate::metrics::{method_label, Direction};
+use crate::tls::SpiffeId;
 
 /// Where requests on a connection go.
 #[derive(Debug, Clone, Copy)]
@@ -38,10 +42,22 @@ pub struct ConnContext {
     pub direction: Direction,
     /// Where requests go.
     pub target: Target,
-    /// The protocol the client speaks, which the upstream connection speaks too.
+    /// The protocol the client speaks.
     pub version: Version,
     /// Destination label, computed once for redirected connections.
     pub destination_label: Option<String>,
+    /// The caller's verified identity, when the client is a peer sidecar over mTLS.
+    pub peer: Option<SpiffeId>,
+    /// Inbound HTTP/2 from a peer sidecar: each request names its application port in a header, and the
+    /// application listens on this address.
+    pub mesh_app_ip: Option<IpAddr>,
+}
+
+/// What a request's metrics are labelled with, learnt while forwarding it.
+struct Outcome {
+    destination: Option<String>,
+    tls: bool,
+    peer: Option<SpiffeId>,
 }
 
 /// Serves one request: forwards it, or answers with the proxy's own error.
@@ -51,25 +67,32 @@ pub async fn serve(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let method = method_label(req.method());
-    let (rsp, destination) = match forward(&ctx, req).await {
-        Ok(done) => done,
-        Err((e, destination)) => {
+    let mut outcome = Outcome {
+        destination: ctx.destination_label.clone(),
+        tls: ctx.peer.is_some(),
+        peer: ctx.peer.clone(),
+    };
+    let rsp = match forward(&ctx, req, &mut outcome).await {
+        Ok(rsp) => rsp,
+        Err(e) => {
             debug!(direction = ctx.direction.as_str(), error = %e, "request failed");
             ctx.inputs.metrics.proxy_error(ctx.direction, e.reason());
-            (e.to_response(), destination)
+            e.to_response()
         }
     };
     let metrics = &ctx.inputs.metrics;
-    let status = rsp.status();
-    let destination = destination.as_deref().unwrap_or("unknown");
+    let destination = outcome.destination.as_deref().unwrap_or("unknown");
+    let peer = outcome.peer.as_ref().map_or("", |p| p.as_str());
+    let tls = if outcome.tls { "true" } else { "false" };
     metrics
         .requests
         .with_label_values(&[
             ctx.direction.as_str(),
             destination,
             method,
-            status.as_str(),
-            "false",
+            rsp.status().as_str(),
+            tls,
+            peer,
         ])
         .inc();
     metrics
@@ -79,70 +102,185 @@ pub async fn serve(
     Ok(rsp)
 }
 
-type Forwarded = (Response<Body>, Option<String>);
-type Failed = (ProxyError, Option<String>);
-
-async fn forward(ctx: &ConnContext, req: Request<Incoming>) -> Result<Forwarded, Failed> {
-    let (dst, label) = match ctx.target {
-        Target::Original(dst) => (
-            dst,
-            ctx.destination_label
-                .clone()
-                .unwrap_or_else(|| dst.to_string()),
-        ),
+async fn forward(
+    ctx: &ConnContext,
+    req: Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Result<Response<Body>, ProxyError> {
+    if ctx.direction == Direction::Inbound {
+        return inbound(ctx, req, outcome).await;
+    }
+    let dst = match ctx.target {
+        Target::Original(dst) => dst,
         Target::Explicit => {
-            let authority = explicit_authority(&req).map_err(|e| (e, None))?;
-            let dst = resolve(&authority)
-                .await
-                .map_err(|e| (e, Some(authority.clone())))?;
-            (dst, authority)
+            let authority = explicit_authority(&req)?;
+            outcome.destination = Some(authority.clone());
+            resolve(&authority).await?
         }
     };
-    let result = if req.method() == Method::CONNECT {
-        connect_tunnel(ctx, dst, req).await
+    if outcome.destination.is_none() {
+        outcome.destination = Some(dst.to_string());
+    }
+    let meshed = ctx.inputs.meshed(dst);
+    if let Some(endpoint) = &meshed {
+        outcome.tls = true;
+        outcome.peer = Some(endpoint.identity.clone());
+    }
+    let via = meshed.as_ref();
+    if req.method() == Method::CONNECT {
+        connect_tunnel(ctx, dst, via, req).await
     } else if ctx.version == Version::Http1 && is_websocket_upgrade(req.headers()) {
-        websocket(ctx, dst, req).await
+        websocket(ctx, dst, via, req).await
+    } else if let Some(endpoint) = via {
+        to_peer_sidecar(ctx, dst, endpoint, req).await
     } else {
-        plain(ctx, dst, req).await
-    };
-    match result {
-        Ok(rsp) => Ok((rsp, Some(label))),
-        Err(e) => Err((e, Some(label))),
+        plain(ctx, dst, ctx.version, req).await
     }
 }
 
-/// An ordinary request: through the pool, within the response timeout.
+/// Inbound: authorize the caller, restore what the peer sidecar changed, and deliver to the application.
+async fn inbound(
+    ctx: &ConnContext,
+    mut req: Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Result<Response<Body>, ProxyError> {
+    let (dst, version) = match ctx.mesh_app_ip {
+        Some(ip) => {
+            let port = req
+                .headers()
+                .get(TARGET_PORT_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u16>().ok())
+                .filter(|p| *p != 0)
+                .ok_or(ProxyError::MissingTarget)?;
+            let http1 = req
+                .headers()
+                .get(ORIG_PROTO_HEADER)
+                .is_some_and(|v| v.as_bytes().starts_with(b"HTTP/1"));
+            (
+                SocketAddr::new(ip, port),
+                if http1 {
+                    Version::Http1
+                } else {
+                    Version::Http2
+                },
+            )
+        }
+        None => match ctx.target {
+            Target::Original(dst) => (dst, ctx.version),
+            Target::Explicit => return Err(ProxyError::Loop),
+        },
+    };
+    outcome.destination = Some(dst.to_string());
+    let policy = ctx.inputs.mesh.table().inbound(dst);
+    if !policy.admits(ctx.peer.as_ref()) {
+        let who = ctx
+            .peer
+            .as_ref()
+            .map_or_else(|| "plaintext".to_string(), |p| p.to_string());
+        return Err(ProxyError::Unauthorized(who));
+    }
+    let headers = req.headers_mut();
+    headers.remove(TARGET_PORT_HEADER);
+    headers.remove(ORIG_PROTO_HEADER);
+    // Only this sidecar may say who the caller is: a value sent by the caller is never passed on.
+    headers.remove(PEER_ID_HEADER);
+    if let Some(peer) = &ctx.peer {
+        if let Ok(value) = HeaderValue::from_str(peer.as_str()) {
+            headers.insert(PEER_ID_HEADER, value);
+        }
+    }
+    if ctx.version == Version::Http1 && is_websocket_upgrade(req.headers()) {
+        return websocket(ctx, dst, None, req).await;
+    }
+    plain(ctx, dst, version, req).await
+}
+
+/// An ordinary request: through the pool, within the response timeout, speaking `version` upstream.
 async fn plain(
     ctx: &ConnContext,
     dst: SocketAddr,
+    version: Version,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, true);
-    if ctx.version == Version::Http1 {
+    if version == Version::Http1 {
         set_host_if_missing(&mut parts.headers, &parts.uri);
         parts.uri = origin_form(&parts.uri);
+        parts.version = http::Version::HTTP_11;
     }
     let upstream_req = Request::from_parts(parts, body.map_err(Into::into).boxed());
     let timeout = ctx.inputs.config.response_timeout;
-    let rsp = tokio::time::timeout(
-        timeout,
-        ctx.inputs.pool.send(dst, ctx.version, upstream_req),
-    )
-    .await
-    .map_err(|_| ProxyError::ResponseTimeout(dst, timeout))??;
-    let (mut parts, body) = rsp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
-    Ok(Response::from_parts(
-        parts,
-        body.map_err(Into::into).boxed(),
-    ))
+    let rsp = tokio::time::timeout(timeout, ctx.inputs.pool.send(dst, version, upstream_req))
+        .await
+        .map_err(|_| ProxyError::ResponseTimeout(dst, timeout))??;
+    Ok(downstream_response(ctx, rsp))
 }
 
-/// `Upgrade: websocket` on HTTP/1.1: a dedicated upstream connection, then bytes both ways after `101`.
+/// A request to a meshed destination: HTTP/2 over mTLS to its sidecar, whatever the application spoke.
+async fn to_peer_sidecar(
+    ctx: &ConnContext,
+    dst: SocketAddr,
+    endpoint: &MeshedEndpoint,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let Some(mesh) = &ctx.inputs.mesh_client else {
+        return Err(ProxyError::TlsConfig("no identity".into()));
+    };
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, true);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| dst.to_string());
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = Uri::try_from(format!("http://{authority}{path}")).map_err(|_| {
+        ProxyError::MalformedRequest("request authority is not a valid URI authority")
+    })?;
+    if ctx.version == Version::Http1 {
+        parts
+            .headers
+            .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
+    }
+    parts.headers.remove(header::HOST);
+    parts
+        .headers
+        .insert(TARGET_PORT_HEADER, HeaderValue::from(dst.port()));
+    parts.version = http::Version::HTTP_2;
+    let upstream_req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+    let timeout = ctx.inputs.config.response_timeout;
+    let rsp = tokio::time::timeout(timeout, mesh.send(endpoint, upstream_req))
+        .await
+        .map_err(|_| ProxyError::ResponseTimeout(dst, timeout))??;
+    Ok(downstream_response(ctx, rsp))
+}
+
+/// The upstream's response as the client gets it: hop-by-hop headers removed, the client's HTTP version.
+fn downstream_response(ctx: &ConnContext, rsp: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = rsp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    parts.version = match ctx.version {
+        Version::Http1 => http::Version::HTTP_11,
+        Version::Http2 => http::Version::HTTP_2,
+    };
+    Response::from_parts(parts, body.map_err(Into::into).boxed())
+}
+
+/// `Upgrade: websocket` on HTTP/1.1: a dedicated upstream connection (over mTLS to a meshed destination),
+/// then bytes both ways after `101`.
 async fn websocket(
     ctx: &ConnContext,
     dst: SocketAddr,
+    via: Option<&MeshedEndpoint>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let client_upgrade = hyper::upgrade::on(&mut req);
@@ -151,7 +289,21 @@ async fn websocket(
     set_upgrade_headers(&mut parts.headers);
     set_host_if_missing(&mut parts.headers, &parts.uri);
     parts.uri = origin_form(&parts.uri);
-    let mut sender = ctx.inputs.pool.connect_http1(dst, true).await?;
+    let mut sender = match (via, &ctx.inputs.mesh_client) {
+        (Some(endpoint), Some(mesh)) => {
+            let tls = mesh
+                .open(
+                    endpoint,
+                    TransportHeader {
+                        port: dst.port(),
+                        carried: Carried::Http1,
+                    },
+                )
+                .await?;
+            pool::http1_handshake(dst, tls, true).await?
+        }
+        _ => ctx.inputs.pool.connect_http1(dst, true).await?,
+    };
     let upstream_req = Request::from_parts(parts, body.map_err(Into::into).boxed());
     let timeout = ctx.inputs.config.response_timeout;
     let mut rsp = tokio::time::timeout(timeout, sender.send_request(upstream_req))
@@ -179,31 +331,29 @@ async fn websocket(
             }
         });
     }
-    let (mut parts, body) = rsp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
-    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-        set_upgrade_headers(&mut parts.headers);
+    let mut rsp = downstream_response(ctx, rsp);
+    if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        set_upgrade_headers(rsp.headers_mut());
     }
-    Ok(Response::from_parts(
-        parts,
-        body.map_err(Into::into).boxed(),
-    ))
+    Ok(rsp)
 }
 
 /// `CONNECT host:port`: connect first (so a failure is still a 502), answer 200, then relay bytes.
 async fn connect_tunnel(
     ctx: &ConnContext,
     dst: SocketAddr,
+    via: Option<&MeshedEndpoint>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
-    let upstream = ctx.inputs.pool.connect_tcp(dst).await?;
+    let upstream = tcp::Upstream::connect(&ctx.inputs, dst, via).await?;
     let inputs = ctx.inputs.clone();
     let direction = ctx.direction;
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(client) => {
-                let label = dst.to_string();
-                tcp::relay(&inputs, direction, &label, TokioIo::new(client), upstream).await;
+                upstream
+                    .relay(&inputs, direction, dst, TokioIo::new(client))
+                    .await
             }
             Err(e) => debug!(%dst, error = %e, "CONNECT upgrade failed"),
         }

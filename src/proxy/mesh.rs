@@ -35,11 +35,14 @@ pub const ORIG_PROTO_HEADER: &str = "meshlet-orig-proto";
 /// Header the receiving sidecar sets for the application: the caller's verified SPIFFE identity.
 pub const PEER_ID_HEADER: &str = "x-meshlet-peer-id";
 
+/// A client configuration per (expected identity, ALPN id).
+type ConfigKey = (SpiffeId, &'static [u8]);
+
 /// Opens and reuses mTLS connections to other sidecars.
 pub struct MeshClient {
     store: Arc<IdentityStore>,
     connect_timeout: Duration,
-    configs: Mutex<HashMap<(SpiffeId, &'static [u8]), Arc<ClientConfig>>>,
+    configs: Mutex<HashMap<ConfigKey, Arc<ClientConfig>>>,
     h2: Mutex<HashMap<(SocketAddr, SpiffeId), http2::SendRequest<Body>>>,
 }
 

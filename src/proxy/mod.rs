@@ -6,6 +6,7 @@
 pub mod error;
 mod head;
 pub mod http;
+mod inbound;
 pub mod mesh;
 pub mod pool;
 pub mod tcp;
@@ -13,7 +14,7 @@ pub mod transport;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
@@ -23,9 +24,11 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use self::error::ProxyError;
 use self::http::{ConnContext, Target};
+use self::mesh::MeshClient;
 use self::pool::{Pool, Version};
 use crate::config::ProxyArgs;
 use crate::detect::{self, PrefixedIo, Protocol};
+use crate::discovery::{InboundMode, Mesh, MeshedEndpoint};
 use crate::drain;
 use crate::metrics::{Direction, Metrics};
 
@@ -37,6 +40,12 @@ pub type Body = BoxBody<Bytes, BoxError>;
 
 /// What every connection needs, shared through one `Arc`.
 pub struct Inputs {
+    /// Which destinations are meshed, and each service's inbound rules.
+    pub mesh: Arc<Mesh>,
+    /// mTLS to peer sidecars; `None` when the sidecar runs without identity (plain).
+    pub mesh_client: Option<Arc<MeshClient>>,
+    /// mTLS from peer sidecars; `None` without identity.
+    pub tls_server: Option<Arc<rustls::ServerConfig>>,
     /// Effective settings.
     pub config: ProxyArgs,
     /// Data-path metrics.
@@ -45,6 +54,14 @@ pub struct Inputs {
     pub pool: Arc<Pool>,
     /// Bounds the connections served at once.
     pub connection_limit: Arc<Semaphore>,
+}
+
+impl Inputs {
+    /// The meshed endpoint at `dst`, when this sidecar has an identity to reach it with.
+    pub fn meshed(&self, dst: std::net::SocketAddr) -> Option<MeshedEndpoint> {
+        self.mesh_client.as_ref()?;
+        self.mesh.table().outbound(dst).cloned()
+    }
 }
 
 /// Accepts connections until draining starts; each connection keeps its own drain watch.
@@ -104,19 +121,16 @@ async fn serve_connection(
     };
     let target = match (direction, original) {
         (_, Some(dst)) => Target::Original(dst),
-        (Direction::Outbound, None) => Target::Explicit,
-        (Direction::Inbound, None) => {
-            debug!("refusing a connection addressed to the inbound listener itself");
-            inputs
-                .metrics
-                .proxy_error(direction, ProxyError::Loop.reason());
-            return;
-        }
+        // Inbound: only a peer sidecar's mTLS may address the listener itself (it states the target port).
+        (_, None) => Target::Explicit,
     };
     let _ = stream.set_nodelay(true);
     let metrics = &inputs.metrics;
 
-    if let Target::Original(dst) = target {
+    // Opaque ports skip detection: server-first protocols must not wait for the client. Inbound keeps it
+    // when the sidecar has an identity, since a peer sidecar's mTLS must still be recognised.
+    let skip_detection = direction == Direction::Outbound || inputs.tls_server.is_none();
+    if let (Target::Original(dst), true) = (target, skip_detection) {
         if inputs.config.opaque_ports.contains(&dst.port()) {
             metrics
                 .protocols
@@ -140,20 +154,111 @@ async fn serve_connection(
             return;
         }
     };
+    if direction == Direction::Inbound {
+        let mut prefix = detected.prefix;
+        if inbound::is_tls_handshake(&prefix) && inputs.tls_server.is_some() {
+            match inbound::offers_mesh(&mut stream, &mut prefix, inputs.config.detect_timeout).await
+            {
+                Ok(true) => {
+                    let app_ip = match target {
+                        Target::Original(dst) => dst.ip(),
+                        Target::Explicit => match stream.local_addr() {
+                            Ok(local) => local.ip(),
+                            Err(_) => return,
+                        },
+                    };
+                    metrics
+                        .protocols
+                        .with_label_values(&[direction.as_str(), "mtls"])
+                        .inc();
+                    inbound::serve_mesh(
+                        inputs,
+                        PrefixedIo::new(prefix.freeze(), stream),
+                        app_ip,
+                        watch,
+                    )
+                    .await;
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    debug!(error = %e, "connection failed while reading a ClientHello");
+                    return;
+                }
+            }
+        }
+        let Target::Original(dst) = target else {
+            debug!("refusing plaintext addressed to the inbound listener itself");
+            metrics.proxy_error(direction, ProxyError::Loop.reason());
+            return;
+        };
+        if inputs.mesh.table().inbound(dst).mode == InboundMode::Strict {
+            debug!(%dst, "refusing plaintext to a strict service");
+            metrics.proxy_error(direction, "plaintext-refused");
+            return;
+        }
+        if inputs.config.opaque_ports.contains(&dst.port()) {
+            metrics
+                .protocols
+                .with_label_values(&[direction.as_str(), Protocol::Opaque.as_str()])
+                .inc();
+            tcp::proxy(&inputs, direction, dst, prefix.freeze(), stream).await;
+            return;
+        }
+        return serve_detected(
+            inputs,
+            direction,
+            target,
+            detected.protocol,
+            prefix,
+            stream,
+            watch,
+            timeout,
+            detected.timed_out,
+        )
+        .await;
+    }
+    serve_detected(
+        inputs,
+        direction,
+        target,
+        detected.protocol,
+        detected.prefix,
+        stream,
+        watch,
+        timeout,
+        detected.timed_out,
+    )
+    .await;
+}
+
+/// Serves a plaintext connection whose protocol is known.
+#[allow(clippy::too_many_arguments)]
+async fn serve_detected(
+    inputs: Arc<Inputs>,
+    direction: Direction,
+    target: Target,
+    protocol: Protocol,
+    prefix: BytesMut,
+    mut stream: TcpStream,
+    watch: drain::Watch,
+    timeout: std::time::Duration,
+    timed_out: bool,
+) {
+    let metrics = &inputs.metrics;
     metrics
         .protocols
-        .with_label_values(&[direction.as_str(), detected.protocol.as_str()])
+        .with_label_values(&[direction.as_str(), protocol.as_str()])
         .inc();
-
-    match (detected.protocol, target) {
+    match (protocol, target) {
         (Protocol::Opaque, Target::Original(dst)) => {
-            tcp::proxy(&inputs, direction, dst, detected.prefix.freeze(), stream).await;
+            tcp::proxy(&inputs, direction, dst, prefix.freeze(), stream).await;
         }
         (Protocol::Opaque, Target::Explicit) => {
-            if detected.prefix.is_empty() {
+            if prefix.is_empty() {
                 return;
             }
-            let error = if detected.timed_out {
+            let error = if timed_out {
                 ProxyError::HeaderTimeout(timeout)
             } else {
                 ProxyError::MalformedRequest("not an HTTP request")
@@ -161,7 +266,7 @@ async fn serve_connection(
             refuse(&inputs, direction, stream, &error).await;
         }
         (Protocol::Http1, target) => {
-            let mut prefix = detected.prefix;
+            let mut prefix = prefix;
             let max = inputs.config.max_header_bytes as usize;
             if let Err(error) = head::read_first_head(
                 &mut stream,
@@ -175,11 +280,27 @@ async fn serve_connection(
                 return;
             }
             let io = PrefixedIo::new(prefix.freeze(), stream);
-            serve_http(inputs, direction, target, Version::Http1, io, watch).await;
+            let ctx = HttpConnection {
+                inputs,
+                direction,
+                target,
+                version: Version::Http1,
+                peer: None,
+                mesh_app_ip: None,
+            };
+            serve_http(ctx, io, watch).await;
         }
         (Protocol::H2, target) => {
-            let io = PrefixedIo::new(detected.prefix.freeze(), stream);
-            serve_http(inputs, direction, target, Version::Http2, io, watch).await;
+            let io = PrefixedIo::new(prefix.freeze(), stream);
+            let ctx = HttpConnection {
+                inputs,
+                direction,
+                target,
+                version: Version::Http2,
+                peer: None,
+                mesh_app_ip: None,
+            };
+            serve_http(ctx, io, watch).await;
         }
     }
 }
@@ -192,14 +313,28 @@ async fn refuse(inputs: &Inputs, direction: Direction, mut stream: TcpStream, er
     let _ = stream.shutdown().await;
 }
 
-async fn serve_http(
+/// How an HTTP connection is served: whose it is, where its requests go, which protocol it speaks.
+pub(crate) struct HttpConnection {
     inputs: Arc<Inputs>,
     direction: Direction,
     target: Target,
     version: Version,
-    io: PrefixedIo<TcpStream>,
-    watch: drain::Watch,
-) {
+    peer: Option<crate::tls::SpiffeId>,
+    mesh_app_ip: Option<std::net::IpAddr>,
+}
+
+async fn serve_http<I>(conn: HttpConnection, io: I, watch: drain::Watch)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let HttpConnection {
+        inputs,
+        direction,
+        target,
+        version,
+        peer,
+        mesh_app_ip,
+    } = conn;
     let destination_label = match target {
         Target::Original(dst) => Some(dst.to_string()),
         Target::Explicit => None,
@@ -212,6 +347,8 @@ async fn serve_http(
         target,
         version,
         destination_label,
+        peer,
+        mesh_app_ip,
     });
     let service = hyper::service::service_fn(move |req| http::serve(ctx.clone(), req));
     let io = TokioIo::new(io);

@@ -183,25 +183,7 @@ impl Pool {
         dst: SocketAddr,
         upgrades: bool,
     ) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let io = TokioIo::new(self.connect_tcp(dst).await?);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| ProxyError::UpstreamReset(dst, e))?;
-        if upgrades {
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    debug!(%dst, error = %e, "upstream connection failed");
-                }
-            });
-        } else {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(%dst, error = %e, "upstream connection failed");
-                }
-            });
-        }
-        Ok(sender)
+        http1_handshake(dst, self.connect_tcp(dst).await?, upgrades).await
     }
 
     async fn connect_http2(&self, dst: SocketAddr) -> Result<http2::SendRequest<Body>, ProxyError> {
@@ -294,6 +276,36 @@ fn classify(dst: SocketAddr, e: hyper::Error) -> ProxyError {
     } else {
         ProxyError::UpstreamReset(dst, e)
     }
+}
+
+/// Starts HTTP/1 on an established connection (plain TCP or mTLS); `upgrades` keeps it usable after a
+/// `101 Switching Protocols`.
+pub async fn http1_handshake<I>(
+    dst: SocketAddr,
+    io: I,
+    upgrades: bool,
+) -> Result<http1::SendRequest<Body>, ProxyError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ProxyError::UpstreamReset(dst, e))?;
+    if upgrades {
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(%dst, error = %e, "upstream connection failed");
+            }
+        });
+    } else {
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%dst, error = %e, "upstream connection failed");
+            }
+        });
+    }
+    Ok(sender)
 }
 
 #[cfg(test)]

@@ -12,13 +12,18 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::error::ProxyError;
+use super::transport::{Carried, TransportHeader};
 use super::Inputs;
+use crate::discovery::MeshedEndpoint;
 use crate::metrics::Direction;
+use tokio_rustls::client::TlsStream;
 
 /// Copy buffer per direction: large enough for bulk transfers, small enough for many idle connections.
 const COPY_BUFFER: usize = 16 * 1024;
 
-/// Proxies an opaque connection to `dst`, first sending the bytes already read by detection.
+/// Proxies an opaque connection to `dst`, first sending the bytes already read by detection. A meshed
+/// destination is reached over mTLS to its sidecar.
 pub async fn proxy(
     inputs: &Inputs,
     direction: Direction,
@@ -26,8 +31,11 @@ pub async fn proxy(
     prefix: Bytes,
     client: TcpStream,
 ) {
-    let label = dst.to_string();
-    let mut upstream = match inputs.pool.connect_tcp(dst).await {
+    let meshed = match direction {
+        Direction::Outbound => inputs.meshed(dst),
+        Direction::Inbound => None,
+    };
+    let mut upstream = match Upstream::connect(inputs, dst, meshed.as_ref()).await {
         Ok(upstream) => upstream,
         Err(e) => {
             debug!(%dst, error = %e, "opaque connect failed");
@@ -43,10 +51,57 @@ pub async fn proxy(
         inputs
             .metrics
             .tcp_bytes
-            .with_label_values(&[direction.as_str(), &label, "to_upstream"])
+            .with_label_values(&[direction.as_str(), &dst.to_string(), "to_upstream"])
             .inc_by(prefix.len() as u64);
     }
-    relay(inputs, direction, &label, client, upstream).await;
+    upstream.relay(inputs, direction, dst, client).await;
+}
+
+/// An upstream byte stream: plain TCP, or mTLS to a peer sidecar that was told the target port.
+pub enum Upstream {
+    /// Straight to the destination.
+    Plain(TcpStream),
+    /// To the destination's sidecar.
+    Mesh(Box<TlsStream<TcpStream>>),
+}
+
+impl Upstream {
+    /// Connects to `dst`, over mTLS when `via` names its sidecar.
+    pub async fn connect(
+        inputs: &Inputs,
+        dst: SocketAddr,
+        via: Option<&MeshedEndpoint>,
+    ) -> Result<Self, ProxyError> {
+        match (via, &inputs.mesh_client) {
+            (Some(endpoint), Some(mesh)) => {
+                let header = TransportHeader {
+                    port: dst.port(),
+                    carried: Carried::Tcp,
+                };
+                Ok(Upstream::Mesh(Box::new(mesh.open(endpoint, header).await?)))
+            }
+            _ => Ok(Upstream::Plain(inputs.pool.connect_tcp(dst).await?)),
+        }
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Upstream::Plain(s) => s.write_all(bytes).await,
+            Upstream::Mesh(s) => s.write_all(bytes).await,
+        }
+    }
+
+    /// Relays between `client` and this upstream until both sides are done.
+    pub async fn relay<C>(self, inputs: &Inputs, direction: Direction, dst: SocketAddr, client: C)
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let label = dst.to_string();
+        match self {
+            Upstream::Plain(s) => relay(inputs, direction, &label, client, s).await,
+            Upstream::Mesh(s) => relay(inputs, direction, &label, client, s).await,
+        }
+    }
 }
 
 /// Copies bytes both ways until both sides have closed, or nothing moved for the idle timeout.

@@ -119,7 +119,7 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
-        let long = vec![b'M'; 200];
+        let long = [b'M'; 200];
         let mut io = &long[..];
         assert!(matches!(
             TransportHeader::read(&mut io).await,

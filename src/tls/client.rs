@@ -571,7 +571,7 @@ mod tests {
             .identity
     }
 
-    /// The lead flattens these flags into `meshlet proxy`: no flag or env name may clash.
+    /// These flags are flattened into `meshlet proxy`: no flag or env name may clash.
     #[test]
     fn flags_fit_beside_the_proxy_flags() {
         use clap::CommandFactory;
@@ -580,8 +580,6 @@ mod tests {
         struct Proxy {
             #[command(flatten)]
             proxy: crate::config::ProxyArgs,
-            #[command(flatten)]
-            identity: IdentityArgs,
         }
         Proxy::command().debug_assert();
     }

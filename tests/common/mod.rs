@@ -30,8 +30,12 @@ pub struct Proxy {
 impl Proxy {
     /// Starts the proxy on free loopback ports with `extra` flags, and waits until `/ready` says 200.
     pub fn start(extra: &[&str]) -> Proxy {
+        Proxy::start_at(format!("127.0.0.1:{}", free_port()).parse().unwrap(), extra)
+    }
+
+    /// Like [`Proxy::start`], with the inbound listener at a chosen address.
+    pub fn start_at(inbound: SocketAddr, extra: &[&str]) -> Proxy {
         let outbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut defaults = vec!["--log", "meshlet=debug"];
         if !extra.contains(&"--drain-delay") {

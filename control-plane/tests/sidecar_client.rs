@@ -1,0 +1,68 @@
+//! The sidecar's own certificate client (`meshlet::tls::CertManager`) against this control plane: the two
+//! halves of the issuance contract meet over a real TLS connection on loopback.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshlet::tls::client::{Credential, Secret};
+use meshlet::tls::{CertManager, ClientError, IdentitySettings, SpiffeId};
+use rustls::pki_types::ServerName;
+
+fn settings(
+    control: &meshlet_control::ControlPlane,
+    identity: &str,
+    join_token: &str,
+) -> IdentitySettings {
+    let mut anchors = rustls::RootCertStore::empty();
+    for cert in common::certs(control.trust_bundle_pem()) {
+        anchors.add(cert).unwrap();
+    }
+    IdentitySettings {
+        control_plane_addr: control.api_addr().to_string(),
+        // The sidecar's default --control-plane-name, which the generated serving certificate carries.
+        control_plane_name: ServerName::try_from("meshlet-control.meshlet.svc").unwrap(),
+        trust_anchors: Arc::new(anchors),
+        identity: identity.parse::<SpiffeId>().unwrap(),
+        credential: Credential::JoinToken(join_token.parse::<Secret>().unwrap()),
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_millis(200),
+        request_timeout: Duration::from_secs(10),
+    }
+}
+
+#[tokio::test]
+async fn the_sidecar_client_obtains_and_accepts_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = common::write_join_tokens(
+        dir.path(),
+        "- token: web-token\n  identity: spiffe://cluster.local/ns/shop/sa/web\n",
+    );
+    let mut config = meshlet_control::Config::local_loopback(dir.path().join("ca"), tokens);
+    config.cert_ttl = Duration::from_secs(120);
+    let control = meshlet_control::start(config).await.unwrap();
+
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    let manager = CertManager::new(settings(&control, web, "web-token")).unwrap();
+    let credentials = manager
+        .request()
+        .await
+        .expect("the sidecar accepts what it is issued");
+    assert_eq!(credentials.identity().as_str(), web);
+    let lifetime = credentials
+        .not_after()
+        .duration_since(credentials.not_before())
+        .unwrap();
+    assert_eq!(lifetime, Duration::from_secs(120 + 60));
+
+    let manager = CertManager::new(settings(&control, web, "wrong-token")).unwrap();
+    match manager.request().await {
+        Err(ClientError::Refused { status, reason, .. }) => {
+            assert_eq!((status.as_u16(), reason.as_str()), (401, "bad-credential"));
+        }
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("issued with a wrong token"),
+    }
+    control.shutdown().await;
+}
