@@ -14,6 +14,8 @@ use crate::discovery::{self, Mesh, MeshConfig};
 use crate::drain;
 use crate::listener;
 use crate::metrics::{Direction, Metrics};
+use crate::policy::idempotency::{DedupStore, RedisStore};
+use crate::policy::PolicyMetrics;
 use crate::proxy::mesh::MeshClient;
 use crate::proxy::pool::{Pool, PoolSettings};
 use crate::proxy::{self, Inputs};
@@ -58,6 +60,12 @@ fn init_logging(config: &ProxyArgs) -> anyhow::Result<()> {
 async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
     // Check what can be checked before binding anything: a bad setting fails start-up with its name.
     let identity = config.identity.settings()?;
+    let app_probes = match &config.app_probes {
+        Some(json) => crate::inject::probes::app_probes(json).with_context(|| {
+            format!("invalid value for MESHLET_APP_PROBES (--app-probes): {json}")
+        })?,
+        None => Default::default(),
+    };
     let mesh_config = match &config.mesh_config {
         Some(path) => MeshConfig::from_file(path)?,
         None => MeshConfig::default(),
@@ -76,12 +84,15 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
 
     let registry = Registry::new();
     let metrics = Metrics::new(&registry).context("registering metrics")?;
+    let policy_metrics =
+        PolicyMetrics::register(&registry).context("registering policy metrics")?;
     let state = Arc::new(AdminState {
         registry,
         metrics: metrics.clone(),
         ready: false.into(),
         config_json: serde_json::to_string_pretty(&config)?,
         shutdown: Notify::new(),
+        app_probes,
     });
     start_admin(admin_listener, state.clone())?;
 
@@ -98,7 +109,13 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
         None => (None, None, None),
     };
 
-    let mesh = Arc::new(Mesh::new(&mesh_config));
+    let shared_store: Option<Arc<dyn DedupStore>> = match &config.dedup_redis_url {
+        Some(url) => Some(Arc::new(RedisStore::connect(url).await.with_context(
+            || format!("invalid value '{url}' for '--dedup-redis-url' (MESHLET_DEDUP_REDIS_URL)"),
+        )?)),
+        None => None,
+    };
+    let mesh = Arc::new(Mesh::new(&mesh_config, policy_metrics, shared_store));
     if let Some(path) = &config.mesh_config {
         discovery::watch_file(path.clone(), mesh.clone());
     }

@@ -125,6 +125,16 @@ pub struct ProxyArgs {
     #[arg(long, env = "MESHLET_MESH_CONFIG", value_name = "FILE")]
     pub mesh_config: Option<std::path::PathBuf>,
 
+    /// Redis shared by the service's replicas for idempotency de-duplication (`redis://host:port/`), so a
+    /// retry that lands on another replica is still answered once. Absent: each sidecar keeps its own table.
+    #[arg(long, env = "MESHLET_DEDUP_REDIS_URL", value_name = "URL")]
+    pub dedup_redis_url: Option<String>,
+
+    /// The application's HTTP probes rewritten by the injector to `/app-health/...` on the admin port, as
+    /// JSON (set by the injector; not for people to write).
+    #[arg(long, env = "MESHLET_APP_PROBES", value_name = "JSON", hide = true)]
+    pub app_probes: Option<String>,
+
     /// Workload identity (needs a control plane; absent, the sidecar runs plain).
     #[command(flatten)]
     pub identity: crate::tls::IdentityArgs,

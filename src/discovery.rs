@@ -11,6 +11,8 @@ use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::idempotency::{DedupStore, MemoryStore};
+use crate::policy::{DestinationPolicy, PolicyFile, PolicyMetrics};
 use crate::tls::{AllowList, SpiffeId};
 
 /// The mesh as configured: every known service.
@@ -20,6 +22,11 @@ pub struct MeshConfig {
     /// Services of the mesh.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// Resilience policies: mesh-wide defaults, and per service (by name) timeouts, retries, idempotency,
+    /// circuit breaking and limits. A meshed service listed here gets the policy stack on its callers'
+    /// sidecars and de-duplication on its own.
+    #[serde(default)]
+    pub policy: PolicyFile,
 }
 
 /// One service: its endpoints, the identity they run as, and who may call it.
@@ -92,6 +99,9 @@ pub enum DiscoveryError {
         /// Where and what.
         message: String,
     },
+    /// A policy value cannot be applied; every problem is named with its field path and value.
+    #[error("invalid mesh config: {0}")]
+    Policy(#[from] crate::policy::config::PolicyErrors),
     /// Two services claim the same endpoint address.
     #[error("invalid mesh config: endpoint {address} is listed by both {first} and {second}")]
     DuplicateEndpoint {
@@ -131,6 +141,7 @@ impl MeshConfig {
     }
 
     fn check(&self) -> Result<(), DiscoveryError> {
+        self.policy.validate()?;
         let mut owners: HashMap<SocketAddr, &str> = HashMap::new();
         for service in &self.services {
             for endpoint in &service.endpoints {
@@ -181,19 +192,62 @@ impl InboundPolicy {
     }
 }
 
+/// The resilience state of one service with a policy: its stacks' shared state and its de-dup store.
+#[derive(Clone)]
+pub struct ServicePolicies {
+    /// Limits, retry budget, breakers and balancer of the service's callers.
+    pub destination: DestinationPolicy,
+    /// Where the service's own sidecar remembers idempotency keys.
+    pub dedup: Arc<dyn DedupStore>,
+}
+
+impl std::fmt::Debug for ServicePolicies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServicePolicies")
+            .field("destination", &self.destination)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Lookup tables built from a [`MeshConfig`].
 #[derive(Debug, Default)]
 pub struct MeshTable {
     outbound: HashMap<SocketAddr, MeshedEndpoint>,
     inbound: HashMap<SocketAddr, Arc<InboundPolicy>>,
     default_inbound: Arc<InboundPolicy>,
+    policies: HashMap<SocketAddr, Arc<ServicePolicies>>,
 }
 
 impl MeshTable {
-    /// Indexes a configuration by endpoint address.
-    pub fn new(config: &MeshConfig) -> Self {
+    /// Indexes a configuration by endpoint address; `metrics` and `shared_store` are given to policies.
+    pub fn new(
+        config: &MeshConfig,
+        metrics: &PolicyMetrics,
+        shared_store: Option<&Arc<dyn DedupStore>>,
+    ) -> Self {
         let mut table = MeshTable::default();
         for service in &config.services {
+            if config.policy.services.contains_key(&service.name) {
+                let resolved = config.policy.resolve(&service.name);
+                let addrs: Vec<SocketAddr> = service.endpoints.iter().map(|e| e.address).collect();
+                let idem = resolved.default.idempotency.clone();
+                let dedup: Arc<dyn DedupStore> = match shared_store {
+                    Some(store) => store.clone(),
+                    None => Arc::new(MemoryStore::new(
+                        &service.name,
+                        idem.max_entries,
+                        idem.max_bytes,
+                        metrics.clone(),
+                    )),
+                };
+                let policies = Arc::new(ServicePolicies {
+                    destination: DestinationPolicy::new(&service.name, resolved, &addrs, metrics),
+                    dedup,
+                });
+                for addr in addrs {
+                    table.policies.insert(addr, policies.clone());
+                }
+            }
             let name: Arc<str> = service.name.as_str().into();
             let policy = Arc::new(InboundPolicy {
                 service: Some(name.clone()),
@@ -220,6 +274,11 @@ impl MeshTable {
         self.outbound.get(&dst)
     }
 
+    /// The resilience policies of the service `addr` belongs to, if it has any.
+    pub fn policies(&self, addr: SocketAddr) -> Option<&Arc<ServicePolicies>> {
+        self.policies.get(&addr)
+    }
+
     /// The inbound rules for the application address `app`.
     pub fn inbound(&self, app: SocketAddr) -> Arc<InboundPolicy> {
         self.inbound
@@ -230,16 +289,24 @@ impl MeshTable {
 }
 
 /// The current mesh table, replaced as a whole when the configuration changes.
-#[derive(Debug, Default)]
 pub struct Mesh {
     current: RwLock<Arc<MeshTable>>,
+    metrics: PolicyMetrics,
+    shared_store: Option<Arc<dyn DedupStore>>,
 }
 
 impl Mesh {
-    /// A mesh with this configuration.
-    pub fn new(config: &MeshConfig) -> Self {
+    /// A mesh with this configuration; `shared_store` (Redis) replaces per-service in-memory de-dup stores.
+    pub fn new(
+        config: &MeshConfig,
+        metrics: PolicyMetrics,
+        shared_store: Option<Arc<dyn DedupStore>>,
+    ) -> Self {
+        let table = MeshTable::new(config, &metrics, shared_store.as_ref());
         Mesh {
-            current: RwLock::new(Arc::new(MeshTable::new(config))),
+            current: RwLock::new(Arc::new(table)),
+            metrics,
+            shared_store,
         }
     }
 
@@ -253,7 +320,11 @@ impl Mesh {
 
     /// Puts a new configuration in force for the next lookups.
     pub fn replace(&self, config: &MeshConfig) {
-        let table = Arc::new(MeshTable::new(config));
+        let table = Arc::new(MeshTable::new(
+            config,
+            &self.metrics,
+            self.shared_store.as_ref(),
+        ));
         match self.current.write() {
             Ok(mut current) => *current = table,
             Err(poisoned) => *poisoned.into_inner() = table,
@@ -310,7 +381,8 @@ services:
 
     #[test]
     fn indexes_endpoints_and_inbound_rules() {
-        let table = MeshTable::new(&MeshConfig::from_yaml(YAML).unwrap());
+        let metrics = PolicyMetrics::register(&prometheus::Registry::new()).unwrap();
+        let table = MeshTable::new(&MeshConfig::from_yaml(YAML).unwrap(), &metrics, None);
         let inventory = table.outbound("127.0.3.1:8080".parse().unwrap()).unwrap();
         assert_eq!(inventory.dial, "127.0.3.1:15006".parse().unwrap());
         assert_eq!(

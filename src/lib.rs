@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod detect;
@@ -15,5 +16,6 @@ pub mod init;
 pub mod inject;
 pub mod listener;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod tls;

@@ -30,6 +30,16 @@ enum Command {
         #[arg(long, env = "MESHLET_INJECT_CONFIG")]
         config: Option<std::path::PathBuf>,
     },
+    /// Wait until the local proxy reports ready (the injected app container's postStart hook, so the app
+    /// starts only once its sidecar can carry its traffic).
+    WaitReady {
+        /// The proxy's admin address.
+        #[arg(long, env = "MESHLET_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
+        admin_addr: std::net::SocketAddr,
+        /// Give up (exit non-zero) after this long.
+        #[arg(long, default_value = "120s", value_parser = meshlet::config::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Print the version.
     Version,
 }
@@ -40,6 +50,10 @@ fn main() -> anyhow::Result<()> {
         Command::Proxy(args) => meshlet::app::run(*args),
         Command::Init(args) => Ok(meshlet::init::run(&args)?),
         Command::Demo(args) => meshlet::demo::run(args),
+        Command::WaitReady {
+            admin_addr,
+            timeout,
+        } => meshlet::admin::wait_ready(admin_addr, timeout),
         Command::Inject { file, config } => {
             let config = match config {
                 Some(path) => meshlet::inject::InjectConfig::from_yaml_file(&path)?,

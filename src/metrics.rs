@@ -161,15 +161,17 @@ impl Metrics {
 }
 
 /// Standard `process_*` metrics from /proc, so the resources dashboard works without node exporters.
+/// The control plane registers them too.
 #[derive(Clone)]
-struct ProcessMetrics {
+pub struct ProcessMetrics {
     cpu_seconds: Counter,
     resident_memory: IntGauge,
     open_fds: IntGauge,
 }
 
 impl ProcessMetrics {
-    fn new(registry: &Registry) -> prometheus::Result<Self> {
+    /// Creates the metrics and registers them on `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let cpu_seconds = Counter::new(
             "process_cpu_seconds_total",
             "User and system CPU time spent in seconds",
@@ -191,7 +193,8 @@ impl ProcessMetrics {
         Ok(this)
     }
 
-    fn refresh(&self) {
+    /// Reads /proc again; call it at scrape time.
+    pub fn refresh(&self) {
         if let Some(cpu) = read_cpu_seconds() {
             let delta = cpu - self.cpu_seconds.get();
             if delta > 0.0 {

@@ -6,6 +6,7 @@ use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder
 /// Metrics of the identity service.
 pub struct Metrics {
     registry: Registry,
+    process: meshlet::metrics::ProcessMetrics,
     /// Workload certificates signed.
     pub certificates_issued: IntCounter,
     /// Refused or failed issuance requests, by reason (the `reason` of the API error).
@@ -29,8 +30,10 @@ impl Metrics {
         )?;
         registry.register(Box::new(certificates_issued.clone()))?;
         registry.register(Box::new(issuance_errors.clone()))?;
+        let process = meshlet::metrics::ProcessMetrics::new(&registry)?;
         Ok(Self {
             registry,
+            process,
             certificates_issued,
             issuance_errors,
         })
@@ -43,6 +46,7 @@ impl Metrics {
 
     /// Everything registered, in the Prometheus text format.
     pub fn encode(&self) -> Result<Vec<u8>, prometheus::Error> {
+        self.process.refresh();
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(out)

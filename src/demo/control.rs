@@ -18,10 +18,13 @@ const NAMESPACE: &str = "shop";
 const API_ADDR: &str = "127.0.0.1:18443";
 const ADMIN_ADDR: &str = "127.0.0.1:19990";
 
+/// The identity flags of a pod's sidecar.
+pub(crate) type SidecarFlags = Box<dyn Fn(&Pod) -> Vec<String> + Send + Sync>;
+
 /// A running control plane and the identity flags of each pod's sidecar.
 pub(crate) struct ControlPlane {
     pub child: Child,
-    pub sidecar_flags: Box<dyn Fn(&Pod) -> Vec<String> + Send + Sync>,
+    pub sidecar_flags: SidecarFlags,
 }
 
 fn identity(pod: &Pod) -> String {

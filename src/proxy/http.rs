@@ -20,9 +20,11 @@ use super::error::ProxyError;
 use super::mesh::{ORIG_PROTO_HEADER, PEER_ID_HEADER, TARGET_PORT_HEADER};
 use super::pool::{self, Version};
 use super::transport::{Carried, TransportHeader};
+use super::upstream::{AppClient, UpstreamClient};
 use super::{tcp, Body, Inputs};
-use crate::discovery::MeshedEndpoint;
+use crate::discovery::{MeshedEndpoint, ServicePolicies};
 use crate::metrics::{method_label, Direction};
+use crate::policy::Caller;
 use crate::tls::SpiffeId;
 
 /// Where requests on a connection go.
@@ -131,6 +133,8 @@ async fn forward(
         connect_tunnel(ctx, dst, via, req).await
     } else if ctx.version == Version::Http1 && is_websocket_upgrade(req.headers()) {
         websocket(ctx, dst, via, req).await
+    } else if let Some(policies) = ctx.inputs.mesh.table().policies(dst).cloned() {
+        with_policies(ctx, dst, &policies, req).await
     } else if let Some(endpoint) = via {
         to_peer_sidecar(ctx, dst, endpoint, req).await
     } else {
@@ -193,7 +197,77 @@ async fn inbound(
     if ctx.version == Version::Http1 && is_websocket_upgrade(req.headers()) {
         return websocket(ctx, dst, None, req).await;
     }
+    if let Some(policies) = ctx.inputs.mesh.table().policies(dst).cloned() {
+        return deduplicated(ctx, dst, version, &policies, req).await;
+    }
     plain(ctx, dst, version, req).await
+}
+
+/// A request to a service with resilience policies: through its outbound stack (limits, timeouts, key
+/// injection, retries, balancing across its endpoints, circuit breaking) to the chosen endpoint.
+async fn with_policies(
+    ctx: &ConnContext,
+    dst: SocketAddr,
+    policies: &ServicePolicies,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, true);
+    set_host_if_missing(&mut parts.headers, &parts.uri);
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = Uri::try_from(format!("http://{dst}{path}"))
+        .map_err(|_| ProxyError::MalformedRequest("request target is not a valid path"))?;
+    let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+    let client = UpstreamClient {
+        inputs: ctx.inputs.clone(),
+        app_version: ctx.version,
+    };
+    let stack = policies.destination.outbound(client);
+    let rsp = crate::policy::send(&stack, req).await?;
+    Ok(downstream(ctx, rsp))
+}
+
+/// Inbound to a service with policies: the caller's deadline and idempotency de-duplication before the app.
+async fn deduplicated(
+    ctx: &ConnContext,
+    dst: SocketAddr,
+    version: Version,
+    policies: &ServicePolicies,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, true);
+    if version == Version::Http1 {
+        set_host_if_missing(&mut parts.headers, &parts.uri);
+        parts.uri = origin_form(&parts.uri);
+        parts.version = http::Version::HTTP_11;
+    }
+    // De-duplication keys on who is calling: the verified identity, else the sidecar's own view of the peer.
+    let caller = ctx
+        .peer
+        .as_ref()
+        .map_or_else(|| "plaintext".to_string(), |p| p.to_string());
+    parts.extensions.insert(Caller(caller));
+    let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+    let app = AppClient {
+        inputs: ctx.inputs.clone(),
+        dst,
+        version,
+    };
+    let stack = policies.destination.inbound(app, policies.dedup.clone());
+    let rsp = crate::policy::send(&stack, req).await?;
+    Ok(downstream(ctx, rsp))
+}
+
+/// A response from a policy stack as the client gets it.
+fn downstream(ctx: &ConnContext, rsp: Response<Body>) -> Response<Body> {
+    let (mut parts, body) = rsp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    parts.version = match ctx.version {
+        Version::Http1 => http::Version::HTTP_11,
+        Version::Http2 => http::Version::HTTP_2,
+    };
+    Response::from_parts(parts, body)
 }
 
 /// An ordinary request: through the pool, within the response timeout, speaking `version` upstream.

@@ -11,6 +11,7 @@ pub mod mesh;
 pub mod pool;
 pub mod tcp;
 pub mod transport;
+pub mod upstream;
 
 use std::sync::Arc;
 

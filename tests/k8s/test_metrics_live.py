@@ -120,9 +120,11 @@ def proxy_metrics(origin):
 def control_plane_metrics(tmp_path):
     control = binary("meshlet-control", "meshlet-control")
     api, admin = free_port(), free_port()
+    tokens = tmp_path / "join-tokens.yaml"
+    tokens.write_text("- token: dashboards-test\n  identity: spiffe://cluster.local/ns/default/sa/x\n")
     process = subprocess.Popen(
-        [str(control), "serve", "--mode", "local", "--data-dir", str(tmp_path), "--api-addr", f"127.0.0.1:{api}",
-         "--admin-addr", f"127.0.0.1:{admin}"],
+        [str(control), "serve", "--mode", "local", "--data-dir", str(tmp_path / "ca"), "--api-addr", f"127.0.0.1:{api}",
+         "--admin-addr", f"127.0.0.1:{admin}", "--join-tokens", str(tokens)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RUST_BACKTRACE": "0"},
     )
     try:

@@ -20,6 +20,8 @@ use tracing::{debug, info};
 
 use crate::metrics::Metrics;
 
+pub mod probes;
+
 /// What the admin endpoints read and trigger.
 pub struct AdminState {
     /// The registry every metric is registered on.
@@ -32,6 +34,8 @@ pub struct AdminState {
     pub config_json: String,
     /// Notified by `POST /shutdown`.
     pub shutdown: Notify,
+    /// The application's rewritten HTTP probes (`/app-health/...`).
+    pub app_probes: probes::AppProbes,
 }
 
 /// Serves admin requests until the process exits.
@@ -72,6 +76,12 @@ async fn handle(
             }
         }
         (&Method::GET, "/metrics") => metrics(&state),
+        (&Method::GET, path) if path.starts_with("/app-health/") => {
+            match probes::check(&state.app_probes, path).await {
+                Some((status, body)) => text(status, &body),
+                None => text(StatusCode::NOT_FOUND, "no such application probe\n"),
+            }
+        }
         (&Method::GET, "/config") => {
             let mut rsp = Response::new(Full::new(Bytes::from(state.config_json.clone())));
             rsp.headers_mut().insert(
@@ -125,4 +135,30 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     rsp
+}
+
+/// Polls `GET /ready` on a proxy's admin address until it answers 200, or fails after `timeout`.
+pub fn wait_ready(admin: SocketAddr, timeout: std::time::Duration) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let ready = std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(1))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+                s.write_all(
+                    format!("GET /ready HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )?;
+                let mut head = [0u8; 12];
+                s.read_exact(&mut head)?;
+                Ok(head.starts_with(b"HTTP/1.1 200"))
+            });
+        if ready.unwrap_or(false) {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("the proxy at http://{admin}/ready was not ready within {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -1,0 +1,21 @@
+/// A de-duplication store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis refused or could not be reached.
+    #[error("redis at {addr}: {source}")]
+    Redis {
+        /// The server.
+        addr: String,
+        /// What went wrong.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// A stored value could not be decoded.
+    #[error("stored entry for key {key} is malformed: {reason}")]
+    Malformed {
+        /// The store key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}

@@ -1,0 +1,46 @@
+use std::sync::Arc;
+
+use tower::Layer;
+
+use super::{Timeout, TimeoutKind};
+use crate::policy::{PolicyMetrics, SharedPolicy};
+
+/// Applies the request or per-try timeout of a destination's policy.
+#[derive(Clone, Debug)]
+pub struct TimeoutLayer {
+    kind: TimeoutKind,
+    policy: SharedPolicy,
+    metrics: PolicyMetrics,
+    destination: Arc<str>,
+}
+
+impl TimeoutLayer {
+    /// A layer for `destination` (the metric label) that applies the given kind of timeout.
+    pub fn new(
+        kind: TimeoutKind,
+        destination: &str,
+        policy: SharedPolicy,
+        metrics: PolicyMetrics,
+    ) -> Self {
+        TimeoutLayer {
+            kind,
+            policy,
+            metrics,
+            destination: Arc::from(destination),
+        }
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout {
+            inner,
+            kind: self.kind,
+            policy: self.policy.clone(),
+            metrics: self.metrics.clone(),
+            destination: self.destination.clone(),
+        }
+    }
+}

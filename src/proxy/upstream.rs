@@ -1,0 +1,159 @@
+//! The last hop as a tower `Service`, so the resilience policies (`crate::policy`) can wrap it.
+//!
+//! The request arrives with its endpoint in the URI authority (the balancer picks it) and its original
+//! authority in `Host`. A meshed endpoint is reached over HTTP/2 mTLS through its sidecar; anything else
+//! through the plain pool, in the application's protocol.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::BodyExt;
+
+use super::error::ProxyError;
+use super::mesh::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
+use super::pool::Version;
+use super::{Body, Inputs};
+use crate::policy::{Classify, FailureKind};
+
+/// Sends one request to the endpoint named in its URI.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    /// Proxy-wide state (pools, mesh client, timeouts).
+    pub inputs: Arc<Inputs>,
+    /// The protocol the application spoke (restored by the peer sidecar when meshed).
+    pub app_version: Version,
+}
+
+impl tower::Service<Request<Body>> for UpstreamClient {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.send(req).await })
+    }
+}
+
+impl UpstreamClient {
+    async fn send(self, mut req: Request<Body>) -> Result<Response<Body>, ProxyError> {
+        let dst: SocketAddr = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse().ok())
+            .ok_or(ProxyError::MalformedRequest(
+                "upstream request without an endpoint address",
+            ))?;
+        let timeout = self.inputs.config.response_timeout;
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let sent = match self.inputs.meshed(dst) {
+            Some(endpoint) => {
+                let Some(mesh) = &self.inputs.mesh_client else {
+                    return Err(ProxyError::TlsConfig("no identity".into()));
+                };
+                let authority = req
+                    .headers_mut()
+                    .remove(header::HOST)
+                    .and_then(|h| h.to_str().ok().map(str::to_owned))
+                    .unwrap_or_else(|| dst.to_string());
+                *req.uri_mut() =
+                    Uri::try_from(format!("http://{authority}{path}")).map_err(|_| {
+                        ProxyError::MalformedRequest(
+                            "request authority is not a valid URI authority",
+                        )
+                    })?;
+                if self.app_version == Version::Http1 {
+                    req.headers_mut()
+                        .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
+                }
+                req.headers_mut()
+                    .insert(TARGET_PORT_HEADER, HeaderValue::from(dst.port()));
+                *req.version_mut() = http::Version::HTTP_2;
+                tokio::time::timeout(timeout, mesh.send(&endpoint, req)).await
+            }
+            None => {
+                if self.app_version == Version::Http1 {
+                    *req.uri_mut() = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+                    *req.version_mut() = http::Version::HTTP_11;
+                }
+                tokio::time::timeout(timeout, self.inputs.pool.send(dst, self.app_version, req))
+                    .await
+            }
+        };
+        let rsp = sent.map_err(|_| ProxyError::ResponseTimeout(dst, timeout))??;
+        Ok(rsp.map(|body| body.map_err(Into::into).boxed()))
+    }
+}
+
+/// Sends one request to the local application at `dst` (inbound, under the de-duplication layer).
+#[derive(Clone)]
+pub struct AppClient {
+    /// Proxy-wide state.
+    pub inputs: Arc<Inputs>,
+    /// The application's address.
+    pub dst: SocketAddr,
+    /// The application's protocol.
+    pub version: Version,
+}
+
+impl tower::Service<Request<Body>> for AppClient {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let timeout = this.inputs.config.response_timeout;
+            let rsp =
+                tokio::time::timeout(timeout, this.inputs.pool.send(this.dst, this.version, req))
+                    .await
+                    .map_err(|_| ProxyError::ResponseTimeout(this.dst, timeout))??;
+            Ok(rsp.map(|body| body.map_err(Into::into).boxed()))
+        })
+    }
+}
+
+impl Classify for ProxyError {
+    fn failure_kind(&self) -> FailureKind {
+        match self {
+            ProxyError::ConnectRefused(_) | ProxyError::Connect(..) => FailureKind::ConnectRefused,
+            ProxyError::ConnectTimeout(..) => FailureKind::ConnectTimeout,
+            ProxyError::UpstreamReset(_, e) if is_refused_stream(e) => FailureKind::RefusedStream,
+            ProxyError::UpstreamReset(..) | ProxyError::TlsHandshake(..) => {
+                FailureKind::ResetBeforeResponse
+            }
+            ProxyError::ResponseTimeout(..) => FailureKind::ResponseTimeout,
+            _ => FailureKind::Other,
+        }
+    }
+}
+
+/// HTTP/2 `REFUSED_STREAM`: the server guarantees it did not process the request.
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = err.source();
+    }
+    false
+}
