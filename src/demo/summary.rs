@@ -54,6 +54,8 @@ pub struct Edge {
     pub buckets: Vec<(f64, f64)>,
     /// Requests that travelled over mTLS.
     pub mtls: f64,
+    /// Retries the calling sidecar made (policy metrics).
+    pub retries: f64,
 }
 
 impl Edge {
@@ -123,6 +125,7 @@ impl Edge {
             by_class,
             buckets,
             mtls: self.mtls - earlier.mtls,
+            retries: self.retries - earlier.retries,
         }
     }
 }
@@ -177,8 +180,8 @@ pub fn render(rows: &[(String, String, Edge)], interval_secs: f64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<16} {:>8} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>7}",
-        "FROM", "TO", "RPS", "SUCCESS", "2xx", "4xx", "5xx", "P50", "P99", "MTLS"
+        "{:<10} {:<16} {:>8} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>7} {:>8}",
+        "FROM", "TO", "RPS", "SUCCESS", "2xx", "4xx", "5xx", "P50", "P99", "MTLS", "RETRIES"
     );
     for (from, to, edge) in rows {
         let ms = |q| {
@@ -193,7 +196,7 @@ pub fn render(rows: &[(String, String, Edge)], interval_secs: f64) -> String {
         let class = |c: &str| edge.by_class.get(c).copied().unwrap_or(0.0);
         let _ = writeln!(
             out,
-            "{:<10} {:<16} {:>8.1} {:>7.1}% {:>6} {:>6} {:>6} {:>9} {:>9} {:>6.0}%",
+            "{:<10} {:<16} {:>8.1} {:>7.1}% {:>6} {:>6} {:>6} {:>9} {:>9} {:>6.0}% {:>8}",
             from,
             to,
             edge.total() / interval_secs,
@@ -203,7 +206,8 @@ pub fn render(rows: &[(String, String, Edge)], interval_secs: f64) -> String {
             class("5xx"),
             ms(0.5),
             ms(0.99),
-            edge.mtls_share() * 100.0
+            edge.mtls_share() * 100.0,
+            edge.retries.round() as i64
         );
     }
     out
