@@ -230,21 +230,47 @@ fn grpc_over_mtls_between_sidecars() {
     let cp = mesh::start_control_plane(&binary, &[("shop", "client"), ("shop", "inventory")]);
     let server_inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let dir = mesh::TempDir::new("grpc-mtls");
-    let mesh_file = mesh::mesh_file(&dir, &mesh::identity("shop", "inventory"), &[server.addr()], server_inbound);
+    let mesh_file = mesh::mesh_file(
+        &dir,
+        &mesh::identity("shop", "inventory"),
+        &[server.addr()],
+        server_inbound,
+    );
     let server_sidecar = mesh::start_sidecar(&cp, &mesh_file, server_inbound, "shop", "inventory");
-    let client = mesh::start_sidecar(&cp, &mesh_file, format!("127.0.0.1:{}", free_port()).parse().unwrap(), "shop", "client");
+    let client = mesh::start_sidecar(
+        &cp,
+        &mesh_file,
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        "shop",
+        "client",
+    );
 
     let seen = grpc_calls(client.outbound, server.addr());
     assert_eq!(seen["unary"]["code"], "OK", "{seen}");
-    assert_eq!(seen["unary"]["trailers"]["x-echo-trailer"], "unary-done", "{seen}");
+    assert_eq!(
+        seen["unary"]["trailers"]["x-echo-trailer"], "unary-done",
+        "{seen}"
+    );
     assert_eq!(strings(&seen["stream"]["items"]).len(), 50, "{seen}");
     assert_eq!(seen["bulk"]["bytes"], 200 * 65536, "{seen}");
     assert_eq!(seen["fail"]["code"], "FAILED_PRECONDITION", "{seen}");
-    assert_eq!(seen["fail"]["trailers"]["x-failure-reason"], "out-of-stock", "{seen}");
+    assert_eq!(
+        seen["fail"]["trailers"]["x-failure-reason"], "out-of-stock",
+        "{seen}"
+    );
 
     let peer = format!("peer_identity=\"{}\"", mesh::identity("shop", "client"));
-    let inbound = server_sidecar.metric_sum("meshlet_requests_total", &["direction=\"inbound\"", "tls=\"true\"", &peer]);
-    assert!(inbound >= 5.0, "the server sidecar saw {inbound} mTLS requests from the client");
-    let plain = client.metric_sum("meshlet_requests_total", &["direction=\"outbound\"", "tls=\"false\""]);
+    let inbound = server_sidecar.metric_sum(
+        "meshlet_requests_total",
+        &["direction=\"inbound\"", "tls=\"true\"", &peer],
+    );
+    assert!(
+        inbound >= 5.0,
+        "the server sidecar saw {inbound} mTLS requests from the client"
+    );
+    let plain = client.metric_sum(
+        "meshlet_requests_total",
+        &["direction=\"outbound\"", "tls=\"false\""],
+    );
     assert_eq!(plain, 0.0, "every call must have gone over mTLS");
 }

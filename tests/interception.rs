@@ -62,11 +62,12 @@ impl Pods {
     /// Builds both pods with addresses of one family, starts the app on the server's address, then
     /// intercepts both pods and starts their sidecars.
     fn start(family: &Family) -> Pods {
-        Pods::start_with(family, &[])
+        Pods::start_with(family, &[], None)
     }
 
     /// Like [`Pods::start`], with more server-pod apps (argv lists) started before interception.
-    fn start_with(family: &Family, extra_apps: &[&[&str]]) -> Pods {
+    /// `server_mesh`: a mesh file (YAML text) for the server pod's sidecar.
+    fn start_with(family: &Family, extra_apps: &[&[&str]], server_mesh: Option<&str>) -> Pods {
         let Family {
             client_ip,
             server_ip,
@@ -141,7 +142,13 @@ impl Pods {
         }
 
         let proxy_args = ["--inbound-addr", inbound_addr];
-        let server_sidecar = start_sidecar(&server, meshlet, &dir, "server", &proxy_args);
+        let mesh_path = dir.path().join("server-mesh.yaml");
+        let mut server_args = proxy_args.to_vec();
+        if let Some(mesh) = server_mesh {
+            fs::write(&mesh_path, mesh).expect("write the server's mesh file");
+            server_args.extend(["--mesh-config", mesh_path.to_str().expect("utf-8 path")]);
+        }
+        let server_sidecar = start_sidecar(&server, meshlet, &dir, "server", &server_args);
         let client_sidecar = start_sidecar(&client, meshlet, &dir, "client", &proxy_args);
         Pods {
             client_sidecar,
@@ -409,7 +416,7 @@ fn opaque_tcp_and_server_first_protocols_pass_both_sidecars() {
         "no",
     ];
     let banner = ["python3", "-c", BANNER_SERVER, ip];
-    let pods = Pods::start_with(&IPV4, &[&redis, &banner]);
+    let pods = Pods::start_with(&IPV4, &[&redis, &banner], None);
     wait_for(
         "redis and the banner server",
         Duration::from_secs(20),
@@ -492,5 +499,48 @@ fn opaque_tcp_and_server_first_protocols_pass_both_sidecars() {
         requests(&client_metrics, "outbound", &[]),
         0.0,
         "opaque traffic must not be parsed as HTTP"
+    );
+}
+
+/// A service in strict mTLS mode refuses plaintext: the client pod's sidecar has no identity, so its
+/// redirected connection reaches the server pod's sidecar in plaintext and is closed there.
+#[test]
+fn plaintext_to_a_strict_service_is_refused() {
+    let Some(_lock) = netns::lock_if_root("plaintext_to_a_strict_service_is_refused") else {
+        return;
+    };
+    let ip = IPV4.server_ip;
+    let mesh = format!(
+        "services:\n  - name: web\n    identity: spiffe://cluster.local/ns/shop/sa/web\n    endpoints:\n      - address: '{ip}:{APP_PORT}'\n    inbound:\n      mode: strict\n"
+    );
+    let pods = Pods::start_with(&IPV4, &[], Some(&mesh));
+    let url = app_url(ip);
+    let out = pods
+        .client
+        .command(&["curl", "-sS", "--max-time", "10", &url])
+        .output()
+        .expect("run curl");
+    assert!(
+        !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains(PAGE.trim()),
+        "plaintext got through: {}\n{}",
+        netns::describe(&out),
+        pods.logs()
+    );
+    let metrics =
+        curl_in(&pods.server, &["-sS", "http://127.0.0.1:15020/metrics"]).unwrap_or_default();
+    assert_eq!(
+        common::sum_metric(
+            &metrics,
+            "meshlet_proxy_errors_total",
+            &["direction=\"inbound\"", "reason=\"plaintext-refused\""]
+        ),
+        1.0,
+        "{}",
+        pods.logs()
+    );
+    assert_eq!(
+        requests(&metrics, "inbound", &[]),
+        0.0,
+        "nothing may reach the app"
     );
 }
