@@ -289,12 +289,7 @@ async fn deduplicated(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, true);
-    if version == Version::Http1 {
-        set_host_if_missing(&mut parts.headers, &parts.uri);
-        parts.uri = origin_form(&parts.uri);
-        parts.version = http::Version::HTTP_11;
-    }
+    prepare_for_upstream(&mut parts, version);
     // De-duplication keys on who is calling: the verified identity, else the sidecar's own view of the peer.
     let caller = ctx
         .peer
@@ -323,6 +318,16 @@ fn downstream(ctx: &ConnContext, rsp: Response<Body>) -> Response<Body> {
     Response::from_parts(parts, body)
 }
 
+/// Hop-by-hop headers out; for an HTTP/1 upstream, origin-form with `Host` set.
+fn prepare_for_upstream(parts: &mut http::request::Parts, version: Version) {
+    strip_hop_by_hop(&mut parts.headers, true);
+    if version == Version::Http1 {
+        set_host_if_missing(&mut parts.headers, &parts.uri);
+        parts.uri = origin_form(&parts.uri);
+        parts.version = http::Version::HTTP_11;
+    }
+}
+
 /// An ordinary request: through the pool, within the response timeout, speaking `version` upstream.
 async fn plain(
     ctx: &ConnContext,
@@ -331,12 +336,7 @@ async fn plain(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, true);
-    if version == Version::Http1 {
-        set_host_if_missing(&mut parts.headers, &parts.uri);
-        parts.uri = origin_form(&parts.uri);
-        parts.version = http::Version::HTTP_11;
-    }
+    prepare_for_upstream(&mut parts, version);
     let upstream_req = Request::from_parts(parts, body.map_err(Into::into).boxed());
     let timeout = ctx.inputs.config.response_timeout;
     let rsp = tokio::time::timeout(timeout, ctx.inputs.pool.send(dst, version, upstream_req))
