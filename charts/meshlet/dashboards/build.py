@@ -3,7 +3,7 @@
 
 Every panel names the metrics its queries use. A panel is built only when all of them are in EXPORTED, the
 metrics the proxy and the control plane really export today, so a dashboard never shows a query that cannot
-return data. When the resilience work (issue 4) ships a metric, add its name to EXPORTED and run this script:
+return data. When the proxy ships a new metric, add its name to EXPORTED and run this script:
 the waiting panels appear. `python3 build.py --pending` lists the panels still waiting and for what.
 
 Run from anywhere: python3 charts/meshlet/dashboards/build.py (tests/k8s checks the JSON files are in sync).
@@ -28,6 +28,13 @@ EXPORTED = {
     "process_open_fds",
     "meshlet_control_certificates_issued_total",
     "meshlet_control_issuance_errors_total",
+    # The resilience policies (src/policy/metrics.rs).
+    "meshlet_retries_total",
+    "meshlet_retry_budget_exhausted_total",
+    "meshlet_timeouts_total",
+    "meshlet_breaker_state",
+    "meshlet_breaker_transitions_total",
+    "meshlet_dedup_total",
 }
 
 SCHEMA_VERSION = 41
