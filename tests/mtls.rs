@@ -97,20 +97,8 @@ async fn sidecars_speak_mtls_and_authorize_by_identity() {
     )
     .unwrap();
     let server = start_sidecar(&cp, &mesh_file, server_inbound, "shop", "server");
-    let client = start_sidecar(
-        &cp,
-        &mesh_file,
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        "shop",
-        "client",
-    );
-    let intruder = start_sidecar(
-        &cp,
-        &mesh_file,
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        "other",
-        "intruder",
-    );
+    let client = start_client_sidecar(&cp, &mesh_file, "shop", "client");
+    let intruder = start_client_sidecar(&cp, &mesh_file, "other", "intruder");
 
     let url = format!("http://{app}/orders?id=7");
     let (client_out, intruder_out) = (client.outbound, intruder.outbound);
@@ -329,13 +317,7 @@ async fn rotation_under_load_and_control_plane_outage() {
         server_inbound,
     );
     let _server = start_sidecar(&cp, &mesh, server_inbound, "shop", "server");
-    let client = start_sidecar(
-        &cp,
-        &mesh,
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        "shop",
-        "client",
-    );
+    let client = start_client_sidecar(&cp, &mesh, "shop", "client");
     let issued_at_start = cp.issued();
 
     let outbound = client.outbound;
@@ -410,36 +392,16 @@ async fn wrong_identity_and_foreign_ca_are_refused() {
     // The mesh says the endpoint is `payment`, but the sidecar there is `server`.
     let wrong = mesh_file(&dir, &identity("shop", "payment"), &[app], server_inbound);
     let _server = start_sidecar(&cp, &wrong, server_inbound, "shop", "server");
-    let client = start_sidecar(
-        &cp,
-        &wrong,
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        "shop",
-        "client",
-    );
-    let outbound = client.outbound;
-    let req = format!("GET http://{app}/ HTTP/1.1\r\nHost: {app}\r\nConnection: close\r\n\r\n");
-    let rsp = tokio::task::spawn_blocking(move || raw_request(outbound, req.as_bytes()).unwrap())
-        .await
-        .unwrap();
+    let client = start_client_sidecar(&cp, &wrong, "shop", "client");
+    let rsp = get_through(client.outbound, app).await;
     assert_eq!(rsp.status, 502, "{rsp:?}");
     assert_eq!(rsp.header("x-meshlet-error"), Some("tls-handshake-failed"));
 
     // A client whose certificate comes from another CA: the right identity, the wrong trust anchor.
     let dir2 = TempDir::new("mesh2");
     let right = mesh_file(&dir2, &identity("shop", "server"), &[app], server_inbound);
-    let foreign = start_sidecar(
-        &other_ca,
-        &right,
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        "shop",
-        "client",
-    );
-    let outbound = foreign.outbound;
-    let req = format!("GET http://{app}/ HTTP/1.1\r\nHost: {app}\r\nConnection: close\r\n\r\n");
-    let rsp = tokio::task::spawn_blocking(move || raw_request(outbound, req.as_bytes()).unwrap())
-        .await
-        .unwrap();
+    let foreign = start_client_sidecar(&other_ca, &right, "shop", "client");
+    let rsp = get_through(foreign.outbound, app).await;
     assert_eq!(rsp.status, 502, "{rsp:?}");
     assert_eq!(rsp.header("x-meshlet-error"), Some("tls-handshake-failed"));
 }

@@ -93,13 +93,7 @@ policy:
     )
     .unwrap();
     let _server = start_sidecar(&cp, &mesh, server_inbound, "shop", "server");
-    let client = start_sidecar(
-        &cp,
-        &mesh,
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        "shop",
-        "client",
-    );
+    let client = start_client_sidecar(&cp, &mesh, "shop", "client");
     let outbound = client.outbound;
     let send = move |method: &'static str, path: &'static str| {
         let req = format!("{method} http://{app}{path} HTTP/1.1\r\nHost: {app}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}");

@@ -212,3 +212,17 @@ pub fn mesh_file(
     std::fs::write(&path, format!("services:\n  - name: server\n    identity: {server_identity}\n    endpoints:\n{endpoints}")).unwrap();
     path
 }
+
+/// A sidecar whose inbound listener nobody dials (a pure client), on free ports.
+pub fn start_client_sidecar(cp: &ControlPlane, mesh_file: &Path, ns: &str, sa: &str) -> Proxy {
+    let inbound = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    start_sidecar(cp, mesh_file, inbound, ns, sa)
+}
+
+/// `GET http://{app}/` through an explicit-proxy outbound listener, off the async runtime.
+pub async fn get_through(outbound: SocketAddr, app: SocketAddr) -> RawResponse {
+    let req = format!("GET http://{app}/ HTTP/1.1\r\nHost: {app}\r\nConnection: close\r\n\r\n");
+    tokio::task::spawn_blocking(move || raw_request(outbound, req.as_bytes()).unwrap())
+        .await
+        .unwrap()
+}
