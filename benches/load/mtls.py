@@ -34,7 +34,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -445,11 +444,7 @@ def main():
 
     bench = base.Bench(args)
 
-    def on_signal(signum, _frame):
-        raise SystemExit(f"stopped by signal {signum}")
-
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
+    base.exit_on_signals()
 
     results = []
     started = time.monotonic()

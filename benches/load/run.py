@@ -726,6 +726,15 @@ def parse_args():
     return p.parse_args()
 
 
+def exit_on_signals():
+    """Turns Ctrl-C, SIGTERM and SIGHUP into SystemExit, so the `finally` clean-up always runs."""
+    def on_signal(signum, _frame):
+        raise SystemExit(f"stopped by signal {signum}")
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+
+
 def main():
     global OHA, PRIORITY
     args = parse_args()
@@ -778,11 +787,7 @@ def main():
 
     bench = Bench(args)
 
-    def on_signal(signum, _frame):
-        raise SystemExit(f"stopped by signal {signum}")
-
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
+    exit_on_signals()
 
     results = []
     started = time.monotonic()
