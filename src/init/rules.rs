@@ -48,11 +48,18 @@ impl Family {
 /// A TCP port or an inclusive range of ports, written `8080` or `8000-8100` (or `8000:8100`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
-    first: u16,
-    last: u16,
+    /// First port of the range.
+    pub first: u16,
+    /// Last port of the range (equal to `first` for a single port).
+    pub last: u16,
 }
 
 impl PortRange {
+    /// Whether `port` falls inside the range.
+    pub fn contains(&self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+
     /// A single port.
     pub fn single(port: u16) -> Self {
         PortRange {

@@ -3,33 +3,8 @@
 //! Annotations are user input that the API server does not check, so every parser here returns a reason
 //! instead of failing the injection: the caller turns it into an admission warning and keeps the default.
 
-use std::fmt;
-
-/// An inclusive range of TCP ports; a single port is a range of one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PortRange {
-    /// First port of the range.
-    pub first: u16,
-    /// Last port of the range (equal to `first` for a single port).
-    pub last: u16,
-}
-
-impl PortRange {
-    /// Whether `port` falls inside the range.
-    pub fn contains(&self, port: u16) -> bool {
-        self.first <= port && port <= self.last
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.first == self.last {
-            write!(f, "{}", self.first)
-        } else {
-            write!(f, "{}-{}", self.first, self.last)
-        }
-    }
-}
+/// Port ranges are the ones `meshlet init` takes, so what the injector accepts, init accepts.
+pub use crate::init::rules::PortRange;
 
 /// Most entries a port list may hold; bounds the work and the size of the generated arguments.
 const MAX_PORT_ENTRIES: usize = 256;
@@ -41,39 +16,25 @@ pub fn parse_port_list(value: &str) -> Result<Vec<PortRange>, String> {
         if ranges.len() == MAX_PORT_ENTRIES {
             return Err(format!("more than {MAX_PORT_ENTRIES} entries"));
         }
-        let range = match entry.split_once('-') {
-            Some((first, last)) => PortRange {
-                first: parse_port(first.trim())?,
-                last: parse_port(last.trim())?,
-            },
-            None => {
-                let port = parse_port(entry)?;
-                PortRange {
-                    first: port,
-                    last: port,
-                }
-            }
-        };
-        if range.first > range.last {
-            return Err(format!("range {entry} ends before it starts"));
-        }
+        let range: PortRange = entry
+            .parse()
+            .map_err(|e: crate::init::rules::PortRangeError| e.to_string())?;
         ranges.push(range);
     }
     Ok(ranges)
 }
 
-fn parse_port(text: &str) -> Result<u16, String> {
-    match text.parse::<u16>() {
-        Ok(port) if port != 0 => Ok(port),
-        _ => Err(format!("{text:?} is not a port (1-65535)")),
-    }
-}
-
-/// Formats ranges back into the canonical comma-separated form.
+/// Formats ranges back into the canonical comma-separated form (`8080,9000-9010`).
 pub fn format_port_list(ranges: &[PortRange]) -> String {
     ranges
         .iter()
-        .map(ToString::to_string)
+        .map(|r| {
+            if r.first == r.last {
+                r.first.to_string()
+            } else {
+                format!("{}-{}", r.first, r.last)
+            }
+        })
         .collect::<Vec<_>>()
         .join(",")
 }
