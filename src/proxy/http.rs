@@ -186,8 +186,8 @@ async fn forward(
         websocket(ctx, dst, via, req).await
     } else if let Some(policies) = ctx.inputs.mesh.table().policies(dst).cloned() {
         with_policies(ctx, dst, &policies, req).await
-    } else if let Some(endpoint) = via {
-        to_peer_sidecar(ctx, dst, endpoint, req).await
+    } else if via.is_some() {
+        to_peer_sidecar(ctx, dst, req).await
     } else {
         plain(ctx, dst, ctx.version, req).await
     }
@@ -264,13 +264,7 @@ async fn with_policies(
     policies: &ServicePolicies,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
-    let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, true);
-    set_host_if_missing(&mut parts.headers, &parts.uri);
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = Uri::try_from(format!("http://{dst}{path}"))
-        .map_err(|_| ProxyError::MalformedRequest("request target is not a valid path"))?;
-    let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+    let req = endpoint_form(req, dst)?;
     let client = UpstreamClient {
         inputs: ctx.inputs.clone(),
         app_version: ctx.version,
@@ -349,46 +343,26 @@ async fn plain(
 async fn to_peer_sidecar(
     ctx: &ConnContext,
     dst: SocketAddr,
-    endpoint: &MeshedEndpoint,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
-    let Some(mesh) = &ctx.inputs.mesh_client else {
-        return Err(ProxyError::TlsConfig("no identity".into()));
+    let client = UpstreamClient {
+        inputs: ctx.inputs.clone(),
+        app_version: ctx.version,
     };
+    let rsp = client.send(endpoint_form(req, dst)?).await?;
+    Ok(downstream(ctx, rsp))
+}
+
+/// The request as [`UpstreamClient`] takes it: hop-by-hop headers removed, the original authority in
+/// `Host`, and the endpoint's address in the URI (where the balancer may replace it).
+fn endpoint_form(req: Request<Incoming>, dst: SocketAddr) -> Result<Request<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, true);
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| dst.to_string());
+    set_host_if_missing(&mut parts.headers, &parts.uri);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = Uri::try_from(format!("http://{authority}{path}")).map_err(|_| {
-        ProxyError::MalformedRequest("request authority is not a valid URI authority")
-    })?;
-    if ctx.version == Version::Http1 {
-        parts
-            .headers
-            .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
-    }
-    parts.headers.remove(header::HOST);
-    parts
-        .headers
-        .insert(TARGET_PORT_HEADER, HeaderValue::from(dst.port()));
-    parts.version = http::Version::HTTP_2;
-    let upstream_req = Request::from_parts(parts, body.map_err(Into::into).boxed());
-    let timeout = ctx.inputs.config.response_timeout;
-    let rsp = tokio::time::timeout(timeout, mesh.send(endpoint, upstream_req))
-        .await
-        .map_err(|_| ProxyError::ResponseTimeout(dst, timeout))??;
-    Ok(downstream_response(ctx, rsp))
+    parts.uri = Uri::try_from(format!("http://{dst}{path}"))
+        .map_err(|_| ProxyError::MalformedRequest("request target is not a valid path"))?;
+    Ok(Request::from_parts(parts, body.map_err(Into::into).boxed()))
 }
 
 /// The upstream's response as the client gets it: hop-by-hop headers removed, the client's HTTP version.

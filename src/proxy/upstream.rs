@@ -45,7 +45,8 @@ impl tower::Service<Request<Body>> for UpstreamClient {
 }
 
 impl UpstreamClient {
-    async fn send(self, mut req: Request<Body>) -> Result<Response<Body>, ProxyError> {
+    /// Sends `req` (its URI naming the endpoint, its `Host` the original authority).
+    pub async fn send(self, mut req: Request<Body>) -> Result<Response<Body>, ProxyError> {
         let dst: SocketAddr = req
             .uri()
             .authority()
