@@ -239,10 +239,26 @@ fn api_tls(config: &Config, authority: &Authority) -> Result<tokio_rustls::TlsAc
         Some(dir) => ca::load_serving_dir(dir)?,
         None => authority.sign_serving()?,
     };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // Sidecars that have a certificate present it (the watch and telemetry endpoints need their identity);
+    // callers without one (a sidecar asking for its first certificate, the kube-apiserver) are admitted too.
+    let provider = meshlet::tls::provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for anchor in
+        meshlet::tls::store::parse_certificates(authority.trust_bundle_pem(), "trust bundle")
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+    {
+        roots.add(anchor)?;
+    }
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_single_cert(serving.chain, serving.key)?;
     tls.alpn_protocols = API_ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))

@@ -3,6 +3,11 @@
 //!
 //! Both share one accept loop: connections are bounded, TLS handshakes and request headers have deadlines,
 //! and on shutdown the listener closes first and open connections get a bounded time to finish.
+//!
+//! On the API a sidecar that already has its certificate presents it (mutual TLS); the verified SPIFFE
+//! identity reaches the router as a [`PeerIdentity`] request extension, so endpoints meant for sidecars
+//! (the discovery watch, telemetry reports) can require it while issuance stays open to callers that have
+//! no certificate yet. Responses are boxed bodies so an endpoint can stream.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -20,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use meshlet::tls::api::{IssueError, ISSUE_PATH};
+use meshlet::tls::SpiffeId;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -54,13 +61,18 @@ pub async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, S
         .map_err(|source| ServerError::Bind { name, addr, source })
 }
 
+/// A response body: whole (most answers) or streamed (the discovery watch).
+pub type ApiBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// The SPIFFE identity a client proved with its certificate in the TLS handshake of the connection a request
+/// came on; absent on plaintext connections and when the client sent no certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity(pub SpiffeId);
+
 /// Routes one request of a listener to its response.
 pub trait Router: Send + Sync + 'static {
     /// Answers `request`; never fails (errors are responses).
-    fn route(
-        &self,
-        request: Request<Incoming>,
-    ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+    fn route(&self, request: Request<Incoming>) -> impl Future<Output = Response<ApiBody>> + Send;
 }
 
 /// Serves `router` on `listener` (over TLS when `tls` is set) until `shutdown` turns true, then drains.
@@ -104,14 +116,20 @@ pub async fn serve<R: Router>(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let service = service_fn(move |request| {
-                let router = router.clone();
-                async move { Ok::<_, Infallible>(router.route(request).await) }
-            });
+            let serve_as = |peer: Option<SpiffeId>| {
+                service_fn(move |mut request: Request<Incoming>| {
+                    let router = router.clone();
+                    if let Some(id) = &peer {
+                        request.extensions_mut().insert(PeerIdentity(id.clone()));
+                    }
+                    async move { Ok::<_, Infallible>(router.route(request).await) }
+                })
+            };
             let served = match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
+                            let service = serve_as(meshlet::tls::peer_identity(stream.get_ref().1));
                             watcher
                                 .watch(builder.serve_connection(TokioIo::new(stream), service))
                                 .await
@@ -128,7 +146,7 @@ pub async fn serve<R: Router>(
                 }
                 None => {
                     watcher
-                        .watch(builder.serve_connection(TokioIo::new(tcp), service))
+                        .watch(builder.serve_connection(TokioIo::new(tcp), serve_as(None)))
                         .await
                 }
             };
@@ -167,7 +185,7 @@ const MAX_REVIEW_BYTES: usize = 3 * 1024 * 1024;
 
 impl ApiRouter {
     /// The admission webhook: the kube-apiserver posts an AdmissionReview, gets one back with a JSONPatch.
-    async fn inject(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn inject(&self, request: Request<Incoming>) -> Response<ApiBody> {
         if request.method() != Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
         }
@@ -188,9 +206,12 @@ impl ApiRouter {
 }
 
 impl Router for ApiRouter {
-    async fn route(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn route(&self, request: Request<Incoming>) -> Response<ApiBody> {
         if request.uri().path() == "/inject" {
             return self.inject(request).await;
+        }
+        if request.uri().path() == WHOAMI_PATH {
+            return whoami(&request);
         }
         if request.uri().path() != ISSUE_PATH {
             return json_error(
@@ -226,6 +247,24 @@ impl Router for ApiRouter {
     }
 }
 
+/// Tells a caller which identity its client certificate proved (for operators debugging mTLS to the
+/// control plane, and for tests of the sidecar's channel).
+pub const WHOAMI_PATH: &str = "/v1/whoami";
+
+fn whoami(request: &Request<Incoming>) -> Response<ApiBody> {
+    match request.extensions().get::<PeerIdentity>() {
+        Some(PeerIdentity(id)) => json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "identity": id.as_str() }),
+        ),
+        None => json_error(
+            StatusCode::UNAUTHORIZED,
+            "no-client-certificate",
+            "this connection presented no mesh certificate".into(),
+        ),
+    }
+}
+
 /// The admin endpoint: liveness, readiness and metrics.
 pub struct AdminRouter {
     /// True from the end of start-up until shutdown begins.
@@ -235,7 +274,7 @@ pub struct AdminRouter {
 }
 
 impl Router for AdminRouter {
-    async fn route(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn route(&self, request: Request<Incoming>) -> Response<ApiBody> {
         if request.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
@@ -262,7 +301,8 @@ fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn json_error(status: StatusCode, reason: &str, message: String) -> Response<Full<Bytes>> {
+/// A JSON error answer `{"reason", "message"}`, the shape every API refusal has.
+pub fn json_error(status: StatusCode, reason: &str, message: String) -> Response<ApiBody> {
     json_response(
         status,
         &IssueError {
@@ -272,7 +312,8 @@ fn json_error(status: StatusCode, reason: &str, message: String) -> Response<Ful
     )
 }
 
-fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+/// A JSON answer.
+pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<ApiBody> {
     match serde_json::to_vec(body) {
         Ok(body) => response(status, "application/json", body),
         Err(error) => text(
@@ -282,7 +323,8 @@ fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<F
     }
 }
 
-fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+/// A plain-text answer.
+pub fn text(status: StatusCode, body: impl Into<String>) -> Response<ApiBody> {
     response(
         status,
         "text/plain; charset=utf-8",
@@ -290,12 +332,13 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
     )
 }
 
-fn response(
+/// A whole-body answer with its content type.
+pub fn response(
     status: StatusCode,
     content_type: &'static str,
     body: Vec<u8>,
-) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+) -> Response<ApiBody> {
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -66,3 +66,35 @@ async fn the_sidecar_client_obtains_and_accepts_a_certificate() {
     }
     control.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_sidecar_channel_is_mutual_tls_with_its_own_certificate() {
+    use http_body_util::BodyExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = common::write_join_tokens(
+        dir.path(),
+        "- token: web-token\n  identity: spiffe://cluster.local/ns/shop/sa/web\n",
+    );
+    let config = meshlet_control::Config::local_loopback(dir.path().join("ca"), tokens);
+    let control = meshlet_control::start(config).await.unwrap();
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    let settings = settings(&control, web, "web-token");
+
+    // Before the sidecar has a certificate the channel connects but proves nobody.
+    let store = meshlet::tls::IdentityStore::new();
+    let channel =
+        meshlet::control_plane::ControlPlaneClient::new(&settings, store.clone()).unwrap();
+    let anonymous = channel.get("/v1/whoami").await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    let manager = CertManager::new(settings.clone()).unwrap();
+    store.replace(manager.request().await.unwrap());
+    // A fresh channel presents the certificate, and the control plane sees the SPIFFE identity.
+    let channel = meshlet::control_plane::ControlPlaneClient::new(&settings, store).unwrap();
+    let answer = channel.get("/v1/whoami").await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let body = answer.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["identity"], web);
+    control.shutdown().await;
+}

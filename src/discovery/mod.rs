@@ -5,7 +5,7 @@
 //! by the control plane from Kubernetes objects. Destinations not listed are passed through plain.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -35,8 +35,16 @@ pub struct MeshConfig {
 pub struct ServiceConfig {
     /// Service name, used in logs and metrics.
     pub name: String,
-    /// The SPIFFE identity every endpoint of the service must present.
+    /// The SPIFFE identity every endpoint of the service must present (an endpoint may name its own).
     pub identity: SpiffeId,
+    /// Virtual addresses callers dial instead of an endpoint (a Kubernetes ClusterIP): a connection to
+    /// `<address>:<port>` of one of [`ServiceConfig::ports`] is balanced over the endpoints listening on
+    /// that port's `target_port`. Empty: callers dial endpoints directly (headless services, pod IPs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
+    /// The service's ports as callers see them, with the endpoints' port behind each and its protocol.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ServicePort>,
     /// The service's endpoints.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
@@ -55,6 +63,58 @@ pub struct EndpointConfig {
     /// (the local demo). Absent: connect to `address` and let iptables hand the connection to the sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecar: Option<SocketAddr>,
+    /// The identity this endpoint proves, when it differs from the service's (pods of one Service
+    /// running as different service accounts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<SpiffeId>,
+    /// Whether the endpoint has a sidecar. `false` (a pod outside the mesh): reached in plaintext, with the
+    /// service's client-side policies still applied.
+    #[serde(default = "meshed_by_default", skip_serializing_if = "is_true")]
+    pub meshed: bool,
+}
+
+fn meshed_by_default() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
+}
+
+/// A port of a service: what callers dial, where the endpoints listen, and what travels on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    /// The port callers dial on the service's virtual addresses.
+    pub port: u16,
+    /// The port the endpoints listen on; absent: the same as `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    /// What the port carries (Kubernetes `appProtocol`, or `meshlet.io/opaque-ports`); absent: detected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<PortProtocol>,
+}
+
+impl ServicePort {
+    /// The endpoints' port behind this one.
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
+/// The protocol hint of a port: skips detection, and `opaque` keeps server-first protocols from waiting
+/// for the detection timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    /// HTTP/1.1 (`appProtocol: http`).
+    Http,
+    /// HTTP/2 without TLS (`appProtocol: kubernetes.io/h2c`, `http2`).
+    Http2,
+    /// gRPC (`appProtocol: grpc`): HTTP/2.
+    Grpc,
+    /// Opaque TCP: no detection, bytes relayed as they are (`appProtocol: tcp`, databases, brokers).
+    Opaque,
 }
 
 /// Whether plaintext is accepted, and which identities may call.
