@@ -41,6 +41,7 @@ pub(crate) async fn start(
     binary: &Path,
     pods: &[Pod],
     workdir: &Path,
+    mesh_file: &Path,
 ) -> anyhow::Result<ControlPlane> {
     let mut tokens = String::new();
     for pod in pods {
@@ -76,6 +77,7 @@ pub(crate) async fn start(
         .arg(&data_dir)
         .arg("--join-tokens")
         .arg(&tokens_file)
+        .args(control_plane_mesh_flags(mesh_file))
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
@@ -120,6 +122,12 @@ pub(crate) async fn start(
         child,
         sidecar_flags,
     })
+}
+
+/// What the control plane is told about the mesh file: nothing yet. When it distributes the mesh state, it
+/// gets the file here (to watch and push) and [`mesh_state_flags`] points the sidecars at it instead.
+pub(crate) fn control_plane_mesh_flags(_mesh_file: &Path) -> Vec<OsString> {
+    Vec::new()
 }
 
 /// Where every sidecar gets its mesh state (services, endpoints, identities, policies) from: today the mesh

@@ -313,13 +313,18 @@ async fn start_mesh(
         println!("  install it with `apt-get install redis-server` (Debian/Ubuntu) and run the demo again.");
     }
     let pods = pods(redis_binary.is_some());
-    let identity = match exe
+    let control_binary = exe
         .parent()
         .map(|dir| dir.join("meshlet-control"))
-        .filter(|p| p.exists())
-    {
+        .filter(|p| p.exists());
+    // With identities, every inbound is strict mTLS.
+    let strict = control_binary.is_some();
+    let mesh_file = workdir.join("mesh.yaml");
+    std::fs::write(&mesh_file, control::mesh_yaml(&pods, strict))
+        .context("writing the demo mesh file")?;
+    let identity = match control_binary {
         Some(binary) => {
-            let cp = control::start(&binary, &pods, workdir).await?;
+            let cp = control::start(&binary, &pods, workdir, &mesh_file).await?;
             children.push(Process {
                 name: "meshlet-control".into(),
                 child: cp.child,
@@ -335,10 +340,6 @@ async fn start_mesh(
             None
         }
     };
-    let strict = identity.is_some();
-    let mesh_file = workdir.join("mesh.yaml");
-    std::fs::write(&mesh_file, control::mesh_yaml(&pods, strict))
-        .context("writing the demo mesh file")?;
     if let (Some(binary), Ok(redis)) = (&redis_binary, pod(&pods, "redis")) {
         let addr = redis.app_addr().context("redis has an address")?;
         let child = events::start_redis(binary, addr, workdir).await?;

@@ -19,7 +19,14 @@ pub async fn handle(
         return not_found();
     }
     let customer = body.get("customer").and_then(Value::as_u64).unwrap_or(1);
-    let sku = body.get("sku").and_then(Value::as_str).unwrap_or("tea");
+    let sku: String = body
+        .get("sku")
+        .and_then(Value::as_str)
+        .unwrap_or("tea")
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(32)
+        .collect();
     let order_body = json!({"customer": customer, "sku": sku, "qty": 1}).to_string();
     let (profile_path, quote_path) = (
         format!("/customers/{customer}"),
