@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio::process::Child;
 
-use super::{admin_get, Pod};
+use super::{admin_get, Pod, Role};
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const NAMESPACE: &str = "shop";
@@ -175,11 +175,17 @@ pub(crate) fn mesh_yaml(pods: &[Pod], strict: bool) -> String {
     yaml.push_str("services:\n");
     for pod in pods {
         let Some(app) = pod.app_addr() else { continue };
+        // Redis is opaque TCP (`meshlet/tcp` between the sidecars); the apps speak HTTP/1.1.
+        let protocol = match pod.role {
+            Role::Redis => "opaque",
+            _ => "http",
+        };
         let _ = write!(
             yaml,
-            "  - name: {}\n    identity: {}\n    endpoints:\n      - address: '{app}'\n        sidecar: '{}'\n    inbound:\n      mode: {mode}\n      allow: ['ns/{NAMESPACE}/*']\n",
+            "  - name: {}\n    identity: {}\n    ports: [{{port: {}, protocol: {protocol}}}]\n    endpoints:\n      - address: '{app}'\n        sidecar: '{}'\n    inbound:\n      mode: {mode}\n      allow: ['ns/{NAMESPACE}/*']\n",
             pod.name,
             identity(pod),
+            app.port(),
             SocketAddr::new(pod.ip, 15006),
         );
     }
@@ -210,6 +216,12 @@ mod tests {
             ]
         );
         assert!(config.policy.services.contains_key("payment"));
+        let redis = &config.services[6];
+        assert_eq!(
+            redis.ports[0].protocol,
+            Some(crate::discovery::PortProtocol::Opaque)
+        );
+        assert_eq!(redis.ports[0].port, 6379);
         assert_eq!(
             config
                 .policy
