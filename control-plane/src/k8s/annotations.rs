@@ -431,6 +431,7 @@ mod tests {
     use std::time::Duration;
 
     use meshlet::policy::config::RetryOn;
+    use serde::Deserialize;
 
     use super::*;
 
@@ -696,6 +697,29 @@ mod tests {
         assert!(parse(KEY, &per_try, TD, &PolicyOverrides::default()).is_ok());
         let errors = parse(KEY, &per_try, TD, &defaults).unwrap_err();
         assert_eq!(errors[0].annotation, "meshlet.io/timeout-per-try");
+    }
+
+    /// The shipped example manifests must be accepted as they are.
+    #[test]
+    fn the_shop_manifest_annotations_are_all_accepted() {
+        let shop = include_str!("../../../deploy/k8s/shop.yaml");
+        let mut services = 0;
+        for document in serde_yaml::Deserializer::from_str(shop) {
+            let value = serde_yaml::Value::deserialize(document).unwrap();
+            if value["kind"].as_str() != Some("Service") {
+                continue;
+            }
+            services += 1;
+            let name = value["metadata"]["name"].as_str().unwrap();
+            let annotations: BTreeMap<String, String> =
+                serde_yaml::from_value(value["metadata"]["annotations"].clone())
+                    .unwrap_or_default();
+            let key = format!("{name}.shop");
+            if let Err(errors) = parse(&key, &annotations, TD, &PolicyOverrides::default()) {
+                panic!("{key}: {errors:?}");
+            }
+        }
+        assert!(services >= 8, "{services} Services");
     }
 
     #[test]
