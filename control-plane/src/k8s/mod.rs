@@ -170,6 +170,9 @@ fn strip_pod(pod: &mut Pod) {
 
 fn strip_service(service: &mut Service) {
     service.metadata.managed_fields = None;
+    if let Some(all) = &mut service.metadata.annotations {
+        all.retain(|k, _| k.starts_with(annotations::PREFIX));
+    }
     service.status = None;
 }
 

@@ -6,7 +6,7 @@
 //! instead of falling back to the defaults. It is cheap enough to redo from scratch on every (debounced)
 //! change, which keeps it free of incremental bookkeeping bugs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -113,7 +113,7 @@ impl Translator {
             },
         };
         let mut rejections = Vec::new();
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         for service in services {
             let (Some(ns), Some(name)) = (
                 service.metadata.namespace.as_deref(),
@@ -121,24 +121,20 @@ impl Translator {
             ) else {
                 continue;
             };
-            let spec = service.spec.clone().unwrap_or_default();
-            if spec.type_.as_deref() == Some("ExternalName") {
+            let external =
+                service.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName");
+            if external {
                 continue;
             }
             let key = service_key(ns, name);
             let annotations = self.annotations_of(&key, service, &mut rejections);
             let slices = slices_of.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
-            let built = build_service(
-                &self.trust_domain,
-                &key,
-                ns,
-                &spec.ports.unwrap_or_default(),
-                &spec_addresses(service),
-                slices,
-                &pods,
-                &annotations,
-            );
-            let Some(built) = built else {
+            let place = Place {
+                trust_domain: &self.trust_domain,
+                key: &key,
+                namespace: ns,
+            };
+            let Some(built) = build_service(&place, service, slices, &pods, &annotations) else {
                 continue;
             };
             config
@@ -146,7 +142,7 @@ impl Translator {
                 .services
                 .insert(key.clone(), annotations.policy);
             config.services.push(built);
-            seen.push(key);
+            seen.insert(key);
         }
         self.memory.retain(|key, _| seen.contains(key));
         config.services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -221,17 +217,30 @@ fn port_number(n: i32) -> Option<u16> {
     u16::try_from(n).ok().filter(|p| *p > 0)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a Service sits: what its identities and log lines are made of.
+struct Place<'a> {
+    trust_domain: &'a str,
+    key: &'a str,
+    namespace: &'a str,
+}
+
 fn build_service(
-    trust_domain: &str,
-    key: &str,
-    namespace: &str,
-    kube_ports: &[KubeServicePort],
-    addresses: &[IpAddr],
+    place: &Place<'_>,
+    service: &Service,
     slices: &[&EndpointSlice],
     pods: &HashMap<(&str, &str), &Pod>,
     annotations: &ServiceAnnotations,
 ) -> Option<ServiceConfig> {
+    let Place {
+        trust_domain,
+        key,
+        namespace,
+    } = *place;
+    let kube_ports: &[KubeServicePort] = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or(&[]);
     // The TCP ports, each with the name EndpointSlices use for it.
     let tcp: Vec<(&KubeServicePort, u16)> = kube_ports
         .iter()
@@ -358,7 +367,7 @@ fn build_service(
     Some(ServiceConfig {
         name: key.to_string(),
         identity,
-        addresses: addresses.to_vec(),
+        addresses: spec_addresses(service),
         ports,
         endpoints,
         inbound: annotations.inbound.clone(),
