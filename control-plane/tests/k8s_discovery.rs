@@ -250,3 +250,52 @@ async fn the_mesh_follows_services_endpoint_slices_and_pods() {
     }
     assert_eq!(api.events.lock().unwrap().len(), 1, "reported once");
 }
+
+/// The recorded list with only the objects of `namespace`, as `GET /api/v1/namespaces/<ns>/…` answers.
+fn list_in(list: &str, namespace: &str) -> String {
+    let mut list: serde_json::Value = serde_json::from_str(list).unwrap();
+    list["items"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|item| item["metadata"]["namespace"] == namespace);
+    list.to_string()
+}
+
+#[tokio::test]
+async fn only_the_configured_namespaces_are_watched() {
+    let (services, slices, pods) = (
+        list_in(SERVICES, "shop"),
+        list_in(SLICES, "shop"),
+        list_in(PODS, "shop"),
+    );
+    let api = FakeApiServer::start(&[
+        ("/api/v1/namespaces/shop/services", &services),
+        (
+            "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+            &slices,
+        ),
+        ("/api/v1/namespaces/shop/pods", &pods),
+    ])
+    .await;
+    let mut settings = K8sSettings::new("cluster.local");
+    settings.namespaces = vec!["shop".to_string()];
+    settings.debounce = Duration::from_millis(50);
+    let mut mesh = k8s::spawn(api.client(), settings);
+    let listed = wait_for(&mut mesh, "shop's services", |m| m.services.len() == 2).await;
+    let names: Vec<&str> = listed.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["payment.shop", "redis.shop"],
+        "default is not watched"
+    );
+    api.push_watch_events(ADD);
+    wait_for(&mut mesh, "inventory", |m| {
+        service(m, "inventory.shop").is_some_and(|s| !s.endpoints.is_empty())
+    })
+    .await;
+    let requests = api.requests.lock().unwrap().clone();
+    assert!(
+        requests.iter().all(|r| r.contains("/namespaces/shop/")),
+        "{requests:#?}"
+    );
+}

@@ -30,26 +30,31 @@ struct Collection {
 pub struct FakeApiServer {
     pub addr: SocketAddr,
     ca_der: CertificateDer<'static>,
-    collections: Arc<HashMap<&'static str, Collection>>,
+    collections: Arc<HashMap<String, Collection>>,
     /// Bodies of the Events POSTed (events.k8s.io/v1).
     pub events: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Every request line (path and query) received.
     pub requests: Arc<Mutex<Vec<String>>>,
 }
 
-/// The collection path of a watch event's object kind.
-fn collection_of(kind: &str) -> Option<&'static str> {
-    match kind {
-        "Service" => Some("/api/v1/services"),
-        "Pod" => Some("/api/v1/pods"),
-        "EndpointSlice" => Some("/apis/discovery.k8s.io/v1/endpointslices"),
-        _ => None,
-    }
+/// The collection paths an object of this kind in this namespace is listed under: the namespace's, then
+/// the cluster-wide one.
+fn collections_of(kind: &str, namespace: &str) -> [String; 2] {
+    let (prefix, plural) = match kind {
+        "Service" => ("/api/v1", "services"),
+        "Pod" => ("/api/v1", "pods"),
+        "EndpointSlice" => ("/apis/discovery.k8s.io/v1", "endpointslices"),
+        other => panic!("no collection for kind {other}"),
+    };
+    [
+        format!("{prefix}/namespaces/{namespace}/{plural}"),
+        format!("{prefix}/{plural}"),
+    ]
 }
 
 impl FakeApiServer {
     /// Serves these recorded lists (`(collection path, list JSON)`).
-    pub async fn start(lists: &[(&'static str, &str)]) -> FakeApiServer {
+    pub async fn start(lists: &[(&str, &str)]) -> FakeApiServer {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::default();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -78,7 +83,7 @@ impl FakeApiServer {
                 .iter()
                 .map(|(path, list)| {
                     (
-                        *path,
+                        path.to_string(),
                         Collection {
                             list: list.to_string(),
                             events: Mutex::new(Vec::new()),
@@ -133,21 +138,25 @@ impl FakeApiServer {
         kube::Client::try_from(config).unwrap()
     }
 
-    /// Appends recorded watch events (JSON lines) to their collections, for current and future watches.
+    /// Appends recorded watch events (JSON lines) to their collections (every served one that holds the
+    /// object: its namespace's and the cluster-wide one), for current and future watches.
     pub fn push_watch_events(&self, jsonl: &str) {
         for line in jsonl.lines().filter(|l| !l.trim().is_empty()) {
             let event: serde_json::Value = serde_json::from_str(line).unwrap();
             let object = &event["object"];
-            let path = collection_of(object["kind"].as_str().unwrap()).unwrap();
             let version: u64 = object["metadata"]["resourceVersion"]
                 .as_str()
                 .unwrap()
                 .parse()
                 .unwrap();
-            let collection = &self.collections[path];
-            let mut events = collection.events.lock().unwrap();
-            events.push((version, format!("{line}\n")));
-            collection.count.send_replace(events.len());
+            let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
+            for path in collections_of(object["kind"].as_str().unwrap(), namespace) {
+                if let Some(collection) = self.collections.get(path.as_str()) {
+                    let mut events = collection.events.lock().unwrap();
+                    events.push((version, format!("{line}\n")));
+                    collection.count.send_replace(events.len());
+                }
+            }
         }
     }
 }
@@ -172,7 +181,7 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 
 async fn answer(
     request: http::Request<Incoming>,
-    collections: Arc<HashMap<&'static str, Collection>>,
+    collections: Arc<HashMap<String, Collection>>,
     events: Arc<Mutex<Vec<serde_json::Value>>>,
     requests: Arc<Mutex<Vec<String>>>,
 ) -> Result<http::Response<Body>, Infallible> {
@@ -192,7 +201,7 @@ async fn answer(
         events.lock().unwrap().push(event);
         return Ok(json(201, String::from_utf8_lossy(&body).into_owned()));
     }
-    let Some((&key, collection)) = collections
+    let Some((key, collection)) = collections
         .get_key_value(path.as_str())
         .filter(|_| method == http::Method::GET)
     else {
@@ -207,13 +216,14 @@ async fn answer(
         .unwrap_or(0);
     // Every event after `from`, then each new one as it is pushed.
     let count = collection.count.subscribe();
+    let key = key.clone();
     let collections = collections.clone();
     let stream = futures::stream::unfold((0usize, count), move |(mut next, mut count)| {
-        let collections = collections.clone();
+        let (collections, key) = (collections.clone(), key.clone());
         async move {
             loop {
                 let pending: Vec<String> = {
-                    let events = collections[key].events.lock().unwrap();
+                    let events = collections[&key].events.lock().unwrap();
                     let fresh: Vec<String> = events[next..]
                         .iter()
                         .filter(|(v, _)| *v > from)
