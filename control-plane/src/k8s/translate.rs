@@ -104,6 +104,10 @@ impl Translator {
                     .push(slice);
             }
         }
+        // Slices in name order, so that what the first slice decides does not depend on cache order.
+        for owned in slices_of.values_mut() {
+            owned.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        }
 
         let mut config = MeshConfig {
             services: Vec::new(),
