@@ -267,7 +267,7 @@ fn build_service(
             (_, Some(resolved)) => Some(resolved),
             (Some(IntOrString::Int(n)), None) => port_number(*n),
             (None, None) => Some(*port),
-            // A named target port nobody resolved yet (no ready endpoint): there is nothing to reach.
+            // A named target port no EndpointSlice resolved yet: there is no endpoint to reach.
             (Some(IntOrString::String(_)), None) => None,
         };
         let Some(target) = target else {
