@@ -9,6 +9,8 @@
 mod common;
 #[path = "common/mesh.rs"]
 mod mesh;
+#[path = "common/netns.rs"]
+mod netns;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -407,4 +409,160 @@ policy:
     assert_eq!(rsp.header("x-meshlet-error"), Some("timeout"), "{rsp:?}");
     assert_eq!(bad_state(&client), 1.0, "the edit reset the breaker");
     assert_eq!(bad_calls.load(Ordering::SeqCst), ejected_at);
+}
+
+/// Greets each connection with `+READY`, then echoes one read: a server-first protocol.
+const BANNER_SERVER: &str = r#"
+import socket, sys, threading
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(16)
+def serve(conn):
+    with conn:
+        conn.sendall(b"+READY\r\n")
+        data = conn.recv(64)
+        conn.sendall(data)
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+
+/// Connects, waits up to `timeout` seconds for the server to speak first, prints what it said.
+const BANNER_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+print(s.recv(64).decode().strip())
+"#;
+
+/// A redirected connection (iptables, as in a pod) to a virtual address whose port is marked
+/// `protocol: opaque` is relayed at once, so the server speaks first although the sidecar's detection
+/// would wait 30 s; the same service on a port without the hint still waits for detection.
+#[test]
+fn an_opaque_service_port_skips_detection_when_redirected() {
+    let Some(_lock) = netns::lock_if_root("an_opaque_service_port_skips_detection_when_redirected")
+    else {
+        return;
+    };
+    let dir = netns::SharedDir::create("discovery");
+    let meshlet = dir.install_executable(common::MESHLET);
+    let meshlet = meshlet.to_str().expect("utf-8 path");
+    let pod = netns::Netns::create("disc");
+    // The pod's own address on a veth (its peer in a namespace of its own, so the link is up), and a route
+    // to the virtual addresses, as a cluster gives.
+    let peer = netns::Netns::create("disc-peer");
+    let pod_ip = "10.201.0.1";
+    let (pod_if, peer_if) = (
+        format!("dv{}", std::process::id()),
+        format!("dp{}", std::process::id()),
+    );
+    pod.run(&[
+        "ip",
+        "link",
+        "add",
+        &pod_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &peer_if,
+        "netns",
+        peer.name(),
+    ]);
+    pod.run(&["ip", "addr", "add", "10.201.0.1/24", "dev", &pod_if]);
+    pod.run(&["ip", "link", "set", &pod_if, "up"]);
+    peer.run(&["ip", "link", "set", &peer_if, "up"]);
+    pod.run(&["ip", "route", "add", "10.96.0.0/16", "dev", &pod_if]);
+    let mut banner = pod.spawn(
+        &["python3", "-c", BANNER_SERVER, pod_ip, "7000"],
+        &dir.path().join("banner.log"),
+    );
+    let client = |port: &str, timeout: &str| {
+        pod.command(&["python3", "-c", BANNER_CLIENT, "10.96.7.7", port, timeout])
+            .output()
+            .expect("python3")
+    };
+    netns::wait_for("the banner server", Duration::from_secs(20), || {
+        banner.assert_running("the banner server");
+        let out = pod
+            .command(&["python3", "-c", BANNER_CLIENT, pod_ip, "7000", "5"])
+            .output()
+            .ok()?;
+        out.status.success().then_some(())
+    });
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        format!(
+            "services:
+  - name: greeter
+    identity: spiffe://cluster.local/ns/shop/sa/greeter
+    addresses: [10.96.7.7]
+    ports:
+      - {{port: 7777, target_port: 7000, protocol: opaque}}
+      - {{port: 7778, target_port: 7000}}
+    endpoints:
+      - {{address: '{pod_ip}:7000', meshed: false}}
+"
+        ),
+    )
+    .unwrap();
+    pod.run(&[meshlet, "init"]);
+    let mut proxy = pod.spawn(
+        &[
+            "setpriv",
+            "--reuid",
+            "2102",
+            "--regid",
+            "2102",
+            "--clear-groups",
+            meshlet,
+            "proxy",
+            "--detect-timeout",
+            "30s",
+            "--mesh-config",
+            mesh.to_str().expect("utf-8 path"),
+        ],
+        &dir.path().join("proxy.log"),
+    );
+    netns::wait_for("the proxy's /ready", Duration::from_secs(30), || {
+        proxy.assert_running("the proxy");
+        let out = pod
+            .command(&[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://127.0.0.1:15020/ready",
+            ])
+            .output()
+            .ok()?;
+        (String::from_utf8_lossy(&out.stdout) == "200").then_some(())
+    });
+
+    let hinted = client("7777", "10");
+    assert!(
+        hinted.status.success() && String::from_utf8_lossy(&hinted.stdout).trim() == "+READY",
+        "{}\n{}",
+        netns::describe(&hinted),
+        proxy.log()
+    );
+    let unhinted = client("7778", "3");
+    assert!(
+        !unhinted.status.success(),
+        "without the hint the sidecar waits for the client to speak: {}",
+        netns::describe(&unhinted)
+    );
+    let metrics = pod
+        .command(&["curl", "-s", "http://127.0.0.1:15020/metrics"])
+        .output()
+        .expect("curl");
+    let opened = sum_metric(
+        &String::from_utf8_lossy(&metrics.stdout),
+        "meshlet_tcp_connections_opened_total",
+        &["destination=\"10.96.7.7:7777\""],
+    );
+    assert_eq!(opened, 1.0, "the connection went through the sidecar");
 }
