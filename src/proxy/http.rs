@@ -211,7 +211,9 @@ async fn to_virtual(
         outcome.peer = Some(service.identity.clone());
     }
     let tunnel = req.method() == Method::CONNECT;
-    if !tunnel && !(ctx.version == Version::Http1 && is_websocket_upgrade(req.headers())) {
+    let own_connection =
+        tunnel || (ctx.version == Version::Http1 && is_websocket_upgrade(req.headers()));
+    if !own_connection {
         return with_policies(ctx, dst, &service.policies, req).await;
     }
     let endpoint = service
