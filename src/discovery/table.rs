@@ -209,7 +209,8 @@ impl MeshTable {
         table
     }
 
-    /// Outbound (meshed endpoints, with their identity) and inbound rules by endpoint address.
+    /// Outbound (meshed endpoints, with their identity), inbound rules and protocol hints by endpoint
+    /// address.
     fn index_endpoints(&mut self, service: &ServiceConfig, name: &Arc<str>) {
         let policy = Arc::new(InboundPolicy {
             service: Some(name.clone()),
@@ -230,21 +231,23 @@ impl MeshTable {
             }
             self.inbound.insert(endpoint.address, policy.clone());
         }
-    }
-
-    /// Virtual ports (their backends must be built) and protocol hints.
-    fn index_ports(&mut self, service: &ServiceConfig, name: &Arc<str>) {
+        // Hints apply to pod-IP destinations too (headless services), and to the endpoints' own sidecars.
         for port in &service.ports {
-            let target = port.target();
-            if let Some(protocol) = port.protocol {
-                for endpoint in service
-                    .endpoints
-                    .iter()
-                    .filter(|e| e.address.port() == target)
-                {
+            let Some(protocol) = port.protocol else {
+                continue;
+            };
+            for endpoint in &service.endpoints {
+                if endpoint.address.port() == port.target() {
                     self.protocols.insert(endpoint.address, protocol);
                 }
             }
+        }
+    }
+
+    /// Virtual ports (their backends must be built) and their protocol hints.
+    fn index_ports(&mut self, service: &ServiceConfig, name: &Arc<str>) {
+        for port in &service.ports {
+            let target = port.target();
             let Some(policies) = self.backends.get(&(name.clone(), target)).cloned() else {
                 continue;
             };
@@ -549,6 +552,18 @@ policy:
         );
         // Without a policy of its own, direct requests to its endpoints stay plain pass-through.
         assert!(table.policies(addr("10.0.2.1:8080")).is_none());
+    }
+
+    #[test]
+    fn headless_services_keep_their_protocol_hints() {
+        let yaml = "services:\n  - name: db\n    identity: spiffe://x/ns/a/sa/db\n    ports: [{port: 5432, protocol: opaque}]\n    endpoints: [{address: '10.0.5.1:5432'}, {address: '10.0.5.1:9187'}]\n";
+        let table = mesh(yaml).table();
+        assert_eq!(
+            table.protocol(addr("10.0.5.1:5432")),
+            Some(PortProtocol::Opaque)
+        );
+        assert_eq!(table.protocol(addr("10.0.5.1:9187")), None);
+        assert!(table.outbound(addr("10.0.5.1:5432")).is_some());
     }
 
     #[test]
