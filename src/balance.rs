@@ -130,6 +130,11 @@ impl Endpoints {
         self.snapshot().iter().map(|e| e.addr).collect()
     }
 
+    /// One endpoint for a connection (opaque TCP, `CONNECT`, WebSocket), chosen as a request would be.
+    pub fn pick(&self) -> Option<SocketAddr> {
+        self.choose().map(|e| e.addr)
+    }
+
     fn snapshot(&self) -> Arc<Vec<Arc<EndpointLoad>>> {
         crate::policy::read(&self.current).clone()
     }
