@@ -18,7 +18,7 @@ pub struct PolicyMetrics {
     pub breaker_state: IntGaugeVec,
     /// `meshlet_breaker_transitions_total{destination, endpoint, to="closed|open|half-open"}`.
     pub breaker_transitions: IntCounterVec,
-    /// `meshlet_dedup_total{destination, outcome="replayed|conflict|mismatch|evicted|stored|waited|bypassed"}`.
+    /// `meshlet_dedup_total{destination, outcome="stored|replayed|conflict|mismatch|evicted|too-large|overloaded|bypassed|unavailable"}`.
     pub dedup: IntCounterVec,
     /// `meshlet_limit_rejections_total{destination, reason="overloaded"}`.
     pub limit_rejections: IntCounterVec,
