@@ -14,7 +14,7 @@ use crate::discovery::{self, Mesh, MeshConfig};
 use crate::drain;
 use crate::listener;
 use crate::metrics::{Direction, Metrics};
-use crate::policy::idempotency::{DedupStore, RedisStore};
+use crate::policy::idempotency::{DedupStore, RedisLimits, RedisStore};
 use crate::policy::PolicyMetrics;
 use crate::proxy::mesh::MeshClient;
 use crate::proxy::pool::{Pool, PoolSettings};
@@ -110,9 +110,19 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
     };
 
     let shared_store: Option<Arc<dyn DedupStore>> = match &config.dedup_redis_url {
-        Some(url) => Some(Arc::new(RedisStore::connect(url).await.with_context(
-            || format!("invalid value '{url}' for '--dedup-redis-url' (MESHLET_DEDUP_REDIS_URL)"),
-        )?)),
+        Some(url) => Some(Arc::new(
+            RedisStore::connect(url)
+                .await
+                .with_context(|| {
+                    format!(
+                        "invalid value '{url}' for '--dedup-redis-url' (MESHLET_DEDUP_REDIS_URL)"
+                    )
+                })?
+                .with_limits(RedisLimits {
+                    max_value_bytes: config.dedup_redis_max_value_bytes as usize,
+                    max_ttl: config.dedup_redis_max_ttl,
+                }),
+        )),
         None => None,
     };
     let mesh = Arc::new(Mesh::new(&mesh_config, policy_metrics, shared_store));

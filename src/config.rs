@@ -130,6 +130,18 @@ pub struct ProxyArgs {
     #[arg(long, env = "MESHLET_DEDUP_REDIS_URL", value_name = "URL")]
     pub dedup_redis_url: Option<String>,
 
+    /// Largest value written to the shared Redis for one idempotency key (bytes); a larger response is not
+    /// stored and its key is released.
+    #[arg(long, env = "MESHLET_DEDUP_REDIS_MAX_VALUE_BYTES", default_value_t = 2 << 20,
+          value_parser = clap::value_parser!(u32).range(1024..), value_name = "BYTES")]
+    pub dedup_redis_max_value_bytes: u32,
+
+    /// Longest TTL given to an idempotency key in the shared Redis, whatever a policy's `ttl` asks.
+    #[arg(long, env = "MESHLET_DEDUP_REDIS_MAX_TTL", default_value = "24h", value_parser = parse_duration,
+          value_name = "DURATION")]
+    #[serde(with = "humantime_serde_compat")]
+    pub dedup_redis_max_ttl: Duration,
+
     /// The application's HTTP probes rewritten by the injector to `/app-health/...` on the admin port, as
     /// JSON (set by the injector; not for people to write).
     #[arg(long, env = "MESHLET_APP_PROBES", value_name = "JSON", hide = true)]

@@ -20,7 +20,7 @@ use super::error::ProxyError;
 use super::mesh::{ORIG_PROTO_HEADER, PEER_ID_HEADER, TARGET_PORT_HEADER};
 use super::pool::{self, Version};
 use super::transport::{Carried, TransportHeader};
-use super::upstream::{AppClient, UpstreamClient};
+use super::upstream::{AppClient, ClientFromRequest, UpstreamClient};
 use super::{tcp, Body, Inputs};
 use crate::discovery::{MeshedEndpoint, ServicePolicies, VirtualPort};
 use crate::metrics::{method_label, Direction};
@@ -301,13 +301,15 @@ async fn with_policies(
     policies: &ServicePolicies,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
-    let req = endpoint_form(req, dst)?;
-    let client = UpstreamClient {
+    let mut req = endpoint_form(req, dst)?;
+    req.extensions_mut().insert(UpstreamClient {
         inputs: ctx.inputs.clone(),
         app_version: ctx.version,
-    };
-    let stack = policies.destination.outbound(client);
-    let rsp = crate::policy::send(&stack, req).await?;
+    });
+    let rsp = policies
+        .destination
+        .send_outbound::<ClientFromRequest<UpstreamClient>, _>(req)
+        .await?;
     Ok(downstream(ctx, rsp))
 }
 
@@ -327,14 +329,16 @@ async fn deduplicated(
         .as_ref()
         .map_or_else(|| "plaintext".to_string(), |p| p.to_string());
     parts.extensions.insert(Caller(caller));
-    let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
-    let app = AppClient {
+    parts.extensions.insert(AppClient {
         inputs: ctx.inputs.clone(),
         dst,
         version,
-    };
-    let stack = policies.destination.inbound(app, policies.dedup.clone());
-    let rsp = crate::policy::send(&stack, req).await?;
+    });
+    let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+    let rsp = policies
+        .destination
+        .send_inbound::<ClientFromRequest<AppClient>, _>(&policies.dedup, req)
+        .await?;
     Ok(downstream(ctx, rsp))
 }
 
