@@ -10,6 +10,7 @@ pub mod credential;
 pub mod issue;
 pub mod metrics;
 pub mod server;
+pub mod telemetry;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -132,6 +133,7 @@ async fn start_inner(
     let admin_addr = local_addr("--admin-addr", &admin_listener, config.admin_addr)?;
 
     let metrics = Arc::new(Metrics::new()?);
+    let telemetry = telemetry::Telemetry::register(metrics.registry(), Default::default())?;
     let (authority, credentials) = load_identity_sources(&config, kube_client).await?;
     let authority = Arc::new(authority);
     let acceptor = api_tls(&config, &authority)?;
@@ -158,6 +160,7 @@ async fn start_inner(
         Arc::new(ApiRouter {
             issuance,
             inject: Arc::new(inject),
+            telemetry: telemetry.clone(),
         }),
         stopped.clone(),
     ));
@@ -168,6 +171,7 @@ async fn start_inner(
         Arc::new(AdminRouter {
             ready: ready.clone(),
             metrics,
+            telemetry,
         }),
         stopped,
     ));
