@@ -130,7 +130,7 @@ fn stat_shows_the_demo_edges() {
     assert!(payment[5].parse::<u64>().is_ok(), "retries: {table}");
     assert_eq!(payment[7], "100.00%", "sidecars talk mTLS: {table}");
     assert!(payment[8].parse::<u64>().unwrap() > 0, "total: {table}");
-    for edge in ["loadgen → order", "order → inventory"] {
+    for edge in ["loadgen → api-gateway", "api-gateway → order", "order → inventory"] {
         assert!(row(&table, edge).is_some(), "{edge} missing:\n{table}");
     }
     let by_service = stat(&["--window", "30s"]);
