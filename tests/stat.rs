@@ -81,20 +81,30 @@ fn stat_shows_the_demo_edges() {
         .expect("run meshlet demo");
     let stdout = child.stdout.take().unwrap();
     let demo = Running(child);
-    // Once it printed its first line, its control plane is up.
+    // Once it names its control plane in its banner, the control plane is up and the sidecars have it.
     let (started, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = started.send(line);
         }
     });
-    let first = lines
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the demo printed nothing");
-    assert!(
-        first.contains("control plane"),
-        "the demo runs without a control plane: {first}"
-    );
+    let banner_deadline = Instant::now() + Duration::from_secs(60);
+    let mut banner = String::new();
+    loop {
+        let left = banner_deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("the demo never named its control plane:\n{banner}"));
+        assert!(
+            !line.contains("meshlet-control was not found"),
+            "the demo runs without a control plane: {line}"
+        );
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.starts_with("control plane:") {
+            break;
+        }
+    }
 
     let deadline = Instant::now() + Duration::from_secs(35);
     let mut last = String::new();
@@ -122,7 +132,7 @@ fn stat_shows_the_demo_edges() {
     let payment = row(&table, "order → payment").unwrap();
     println!("{table}");
     assert!(
-        table.starts_with("SOURCE → DESTINATION   SUCCESS"),
+        table.starts_with("SOURCE → DESTINATION") && table.contains(" SUCCESS "),
         "{table}"
     );
     assert!(payment[0].ends_with('%'), "success rate: {table}");
@@ -130,7 +140,11 @@ fn stat_shows_the_demo_edges() {
     assert!(payment[5].parse::<u64>().is_ok(), "retries: {table}");
     assert_eq!(payment[7], "100.00%", "sidecars talk mTLS: {table}");
     assert!(payment[8].parse::<u64>().unwrap() > 0, "total: {table}");
-    for edge in ["loadgen → api-gateway", "api-gateway → order", "order → inventory"] {
+    for edge in [
+        "loadgen → api-gateway",
+        "api-gateway → order",
+        "order → inventory",
+    ] {
         assert!(row(&table, edge).is_some(), "{edge} missing:\n{table}");
     }
     let by_service = stat(&["--window", "30s"]);
