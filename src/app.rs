@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::ProxyArgs;
+use crate::control_plane::ControlPlaneClient;
 use crate::discovery::{self, Mesh, MeshConfig};
 use crate::drain;
 use crate::listener;
@@ -19,6 +20,7 @@ use crate::policy::PolicyMetrics;
 use crate::proxy::mesh::MeshClient;
 use crate::proxy::pool::{Pool, PoolSettings};
 use crate::proxy::{self, Inputs};
+use crate::telemetry;
 use crate::tls::{self, CertManager};
 
 /// Runs `meshlet proxy` until it is told to stop and has drained.
@@ -84,6 +86,9 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
 
     let registry = Registry::new();
     let metrics = Metrics::new(&registry).context("registering metrics")?;
+    let telemetry_registry = registry.clone();
+    let reporter_metrics =
+        telemetry::ReporterMetrics::register(&registry).context("registering telemetry metrics")?;
     let policy_metrics =
         PolicyMetrics::register(&registry).context("registering policy metrics")?;
     let state = Arc::new(AdminState {
@@ -97,16 +102,23 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
     start_admin(admin_listener, state.clone())?;
 
     // With a control plane, the sidecar gets its certificate first and is ready only once it has one.
-    let (mesh_client, tls_server, store) = match identity {
+    let (mesh_client, tls_server, store, control_plane) = match identity {
         Some(settings) => {
-            let manager = CertManager::new(settings)?;
+            let own_identity = settings.identity.clone();
+            let manager = CertManager::new(settings.clone())?;
             let store = manager.store().clone();
             tokio::spawn(manager.run());
             let server = tls::server_config(&store)?;
             let client = Arc::new(MeshClient::new(store.clone(), config.connect_timeout));
-            (Some(client), Some(server), Some(store))
+            let control_plane = ControlPlaneClient::new(&settings, store.clone())?;
+            (
+                Some(client),
+                Some(server),
+                Some(store),
+                Some((control_plane, own_identity)),
+            )
         }
-        None => (None, None, None),
+        None => (None, None, None, None),
     };
 
     let shared_store: Option<Arc<dyn DedupStore>> = match &config.dedup_redis_url {
@@ -128,6 +140,14 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
     let mesh = Arc::new(Mesh::new(&mesh_config, policy_metrics, shared_store));
     if let Some(path) = &config.mesh_config {
         discovery::watch_file(path.clone(), mesh.clone());
+    }
+    if let (Some((client, own_identity)), Some(store)) = (control_plane, store.clone()) {
+        let reporter = telemetry::Reporter::new(own_identity, telemetry_registry, mesh.clone());
+        let interval = config.report_interval;
+        tokio::spawn(async move {
+            store.ready().await;
+            telemetry::run(reporter, client, interval, reporter_metrics).await;
+        });
     }
     let pool = Pool::new(PoolSettings {
         connect_timeout: config.connect_timeout,

@@ -147,6 +147,13 @@ pub struct ProxyArgs {
     #[arg(long, env = "MESHLET_APP_PROBES", value_name = "JSON", hide = true)]
     pub app_probes: Option<String>,
 
+    /// How often the sidecar reports its counts to the control plane (only with a control plane, once the
+    /// certificate has arrived).
+    #[arg(long, env = "MESHLET_REPORT_INTERVAL", default_value = "5s", value_parser = parse_report_interval,
+          value_name = "DURATION")]
+    #[serde(with = "humantime_serde_compat")]
+    pub report_interval: Duration,
+
     /// Workload identity (needs a control plane; absent, the sidecar runs plain).
     #[command(flatten)]
     pub identity: crate::tls::IdentityArgs,
@@ -167,6 +174,15 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(value)
         .map_err(|e| format!("expected a duration such as 500ms, 10s or 1m ({e})"))
+}
+
+/// A report interval between 100ms and 1h (zero would make the reporter spin).
+fn parse_report_interval(value: &str) -> Result<Duration, String> {
+    let interval = parse_duration(value)?;
+    if interval < Duration::from_millis(100) || interval > Duration::from_secs(3600) {
+        return Err("expected a duration between 100ms and 1h".into());
+    }
+    Ok(interval)
 }
 
 /// Serializes durations in `/config` the way they are written on the command line.

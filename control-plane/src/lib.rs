@@ -11,6 +11,7 @@ pub mod issue;
 pub mod k8s;
 pub mod metrics;
 pub mod server;
+pub mod telemetry;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -133,6 +134,7 @@ async fn start_inner(
     let admin_addr = local_addr("--admin-addr", &admin_listener, config.admin_addr)?;
 
     let metrics = Arc::new(Metrics::new()?);
+    let telemetry = telemetry::Telemetry::register(metrics.registry(), Default::default())?;
     let (authority, credentials) = load_identity_sources(&config, kube_client).await?;
     let authority = Arc::new(authority);
     let acceptor = api_tls(&config, &authority)?;
@@ -159,6 +161,7 @@ async fn start_inner(
         Arc::new(ApiRouter {
             issuance,
             inject: Arc::new(inject),
+            telemetry: telemetry.clone(),
         }),
         stopped.clone(),
     ));
@@ -169,6 +172,7 @@ async fn start_inner(
         Arc::new(AdminRouter {
             ready: ready.clone(),
             metrics,
+            telemetry,
         }),
         stopped,
     ));
