@@ -140,7 +140,7 @@ impl Endpoints {
 
     /// One endpoint for a connection (opaque TCP, `CONNECT`, WebSocket), chosen as a request would be.
     pub fn pick(&self) -> Option<SocketAddr> {
-        self.choose().map(|e| e.addr)
+        self.choose(None).map(|e| e.addr)
     }
 
     fn snapshot(&self) -> Arc<Vec<Arc<EndpointLoad>>> {
