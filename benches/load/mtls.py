@@ -31,8 +31,8 @@ both wrk with `Connection: close` on every request (one request per client conne
   (HAProxy `mode tcp`, nginx `stream`, Envoy `tcp_proxy`), session resumption off everywhere. It reports new
   handshakes/s at saturation and the pair's CPU per handshake, and checks that each client connection
   produced one: SYNs at B's TCP listener, plus B's own count of completed TLS handshakes where it has one
-  (meshlet's inbound opaque connections, HAProxy's CumSslConns, Envoy's ssl.handshake and
-  ssl.session_reused; nginx has no such counter).
+  (meshlet's inbound opaque connections, HAProxy's CumSslConns, Envoy's ssl.handshake, and Envoy's
+  ssl.session_reused for resumptions; nginx has no such counter).
 
 The cipher suite and group each pair negotiates between A and B are read off the loopback interface from
 B's ServerHello (in clear in TLS 1.3) on one connection of the TCP path, and printed.
@@ -283,8 +283,10 @@ def start_haproxy(bench):
         base.wait_port(p, addr, port)
         procs.append(p)
     def handshakes():
+        # CumSslConns counts B's TLS connections. (`show info`'s SslFrontendSessionReuse_pct is a ratio of
+        # per-second rates, not a count, and is not used: resumption is off in the configuration.)
         info = haproxy_info(os.path.join(bench.dir, "haproxy-b.sock"))
-        return {"completed": float(info["CumSslConns"]), "reuse_pct": float(info["SslFrontendSessionReuse_pct"])}
+        return {"completed": float(info["CumSslConns"])}
 
     return Pair("127.0.0.1", A_PORTS["haproxy"], procs[::-1], tcp=("127.0.0.1", A_TCP_PORTS["haproxy"]),
                 handshakes=handshakes)
@@ -459,8 +461,6 @@ def measure(bench, name, round_no):
             res["hs_completed_per_client"] = (hs1["completed"] - hs0["completed"]) / conns
             if "resumed" in hs1:
                 res["hs_resumed"] = hs1["resumed"] - hs0["resumed"]
-            if "reuse_pct" in hs1:
-                res["hs_resumed"] = hs1["reuse_pct"]
         if pair.procs:
             res["cpu_us_per_hs"] = (after - before) / CLK_TCK * 1e6 / conns
             if res["hs_b_conns_per_client"] < 0.99:
@@ -498,7 +498,7 @@ def profile(bench, names):
         pair = SYSTEMS[name](bench)
         try:
             base.oha(pair.url, a.rate, a.rate_connections, a.warmup)
-            stats = {p.name: perf_start(["stat", "-x", ",", "-o", os.path.join(out_dir, f"{p.name}.stat"),
+            stats = {p.name: perf_start(["stat", "-x", ",", "-o", os.path.join(out_dir, f"{name}-{p.name}.stat"),
                                          "-e", ",".join(["task-clock"] + base.SYSCALL_EVENTS)], p)
                      for p in pair.procs}
             lat = base.oha(pair.url, a.rate, a.rate_connections, a.rate_duration)
@@ -507,7 +507,7 @@ def profile(bench, names):
             requests = lat["rps"] * a.rate_duration
             print(f"\n### {name}: p50 {lat['p50_us']:.0f} µs, p99 {lat['p99_us']:.0f} µs; per request:")
             for proc in pair.procs:
-                with open(os.path.join(out_dir, f"{proc.name}.stat")) as f:
+                with open(os.path.join(out_dir, f"{name}-{proc.name}.stat")) as f:
                     rows = [r.split(",") for r in f.read().splitlines()]
                 counts = []
                 for c in rows:
@@ -520,10 +520,10 @@ def profile(bench, names):
                     elif value > 0:
                         counts.append(f"{c[2].split(':')[-1].replace('sys_enter_', '')} {value / requests:.2f}")
                 print(f"- {proc.name}: " + "  ".join(counts))
-            if name != "meshlet":
+            if kind(name) != "meshlet":
                 continue
-            data = {p.name: os.path.join(out_dir, f"{p.name}.perf.data") for p in pair.procs}
-            graphs = {p.name: os.path.join(out_dir, f"{p.name}.graph.data") for p in pair.procs}
+            data = {p.name: os.path.join(out_dir, f"{name}-{p.name}.perf.data") for p in pair.procs}
+            graphs = {p.name: os.path.join(out_dir, f"{name}-{p.name}.graph.data") for p in pair.procs}
             for files, options in ((data, ["-F", "3999"]), (graphs, ["-F", "999", "--call-graph", "dwarf,16384"])):
                 perfs = [perf_start(["record", "-e", "cpu-clock", "-o", files[p.name], *options], p)
                          for p in pair.procs]
@@ -536,7 +536,7 @@ def profile(bench, names):
                 tree = base.run(["perf", "report", "-i", graphs[proc.name], "--stdio", "--children", "--sort",
                                  "symbol", "--percent-limit", "2", "-g", "none"], capture=True)
                 for suffix, text in (("self.txt", flat), ("children.txt", tree)):
-                    with open(os.path.join(out_dir, f"{proc.name}.{suffix}"), "w") as f:
+                    with open(os.path.join(out_dir, f"{name}-{proc.name}.{suffix}"), "w") as f:
                         f.write(text)
                 rows = []
                 for line in flat.splitlines():
@@ -547,8 +547,8 @@ def profile(bench, names):
                 for r in rows:
                     totals[base.area_of(r)] = totals.get(base.area_of(r), 0.0) + r[0]
                 top = sorted(totals.items(), key=lambda kv: -kv[1])[:12]
-                print(f"\n{proc.name}, CPU time by crate / area: " + ", ".join(f"{k} {v:.1f}%" for k, v in top))
-                print(f"{proc.name}, top symbols (self):\n" + "\n".join(
+                print(f"\n{name} {proc.name}, CPU time by crate / area: " + ", ".join(f"{k} {v:.1f}%" for k, v in top))
+                print(f"{name} {proc.name}, top symbols (self):\n" + "\n".join(
                     f"  {pct:6.2f}%  {dso:12} {sym[:110]}" for pct, dso, sym in rows[:20]))
         finally:
             for p in pair.procs:
@@ -756,8 +756,9 @@ def main():
     started = time.monotonic()
     try:
         bench.setup_netns()
-        # Namespace-local sysctls (the host's are untouched): many short connections in the close phase.
-        for knob in ("net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"):
+        # Namespace-local sysctls (the host's are untouched): many short connections in the connection
+        # phases; ephemeral ports above every listener port of the run, so that none is taken when a pair starts.
+        for knob in ("net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=20000 65000"):
             base.run(["sysctl", "-q", "-w", knob])
         count_syns_rules()
         redirect_tcp_app_port()
