@@ -85,8 +85,8 @@ TLS_NOTES = {
                "between the sidecars, one mTLS connection per app connection on the TCP path",
     "envoy": "TLS 1.3 only, ecdh_curves X25519; BoringSSL's TLS 1.3 suites are not configurable (AES_128_GCM "
              "preferred with AES-NI); HTTP/1.1 between A and B",
-    "haproxy": "TLS 1.3 only, ciphersuites TLS_AES_128_GCM_SHA256 both sides, curves X25519 on B (2.6 has no server-side setting); "
-               "HTTP/1.1 between A and B",
+    "haproxy": "TLS 1.3 only, ciphersuites TLS_AES_128_GCM_SHA256 both sides, curves X25519 on B (2.6 has no "
+               "server-side setting); HTTP/1.1 between A and B",
     "nginx": "TLS 1.3 only, Ciphersuites TLS_AES_128_GCM_SHA256 both sides, X25519 both sides; HTTP/1.1 "
              "between A and B",
 }
@@ -266,7 +266,9 @@ def start_envoy(bench):
     def handshakes():
         text = base.http_get("127.0.0.1", ENVOY_B_ADMIN, "/stats?filter=ssl")[1].decode()
         listener = f"listener.{ORIGIN_ADDR}_{B_TCP_PORTS['envoy']}.ssl."
-        stat = lambda name: float(re.search(rf"^{re.escape(listener + name)}: (\d+)$", text, re.M).group(1))  # noqa: E731
+        def stat(name):
+            return float(re.search(rf"^{re.escape(listener + name)}: (\d+)$", text, re.M).group(1))
+
         return {"completed": stat("handshake"), "resumed": stat("session_reused")}
 
     return Pair("127.0.0.1", A_PORTS["envoy"], procs[::-1], tcp=("127.0.0.1", A_TCP_PORTS["envoy"]),
@@ -772,7 +774,7 @@ def main():
                 res = measure(bench, name, n)
                 res["round"] = n
                 results.append(res)
-                line = (f"  {name:8} {res['rps']:8.0f} req/s  p50 {res['p50_us']:6.0f} µs  p99 {res['p99_us']:6.0f} µs"
+                line = (f"  {name:12} {res['rps']:8.0f} req/s  p50 {res['p50_us']:6.0f} µs  p99 {res['p99_us']:6.0f} µs"
                         f"  close: {res['close_conns_per_s']:6.0f} conn/s")
                 if "close_b_conns" in res:
                     line += f" ({res['close_b_conns']} new A→B conns)"
@@ -780,7 +782,7 @@ def main():
                     line += (f"  cpu {res['cpu_us_per_req']:5.1f} µs/req {res['cpu_us_per_conn']:6.1f} µs/conn"
                              f"  idle {res['idle_rss_kib'] / 1024:5.1f} MiB  peak {res['peak_rss_kib'] / 1024:5.1f} MiB")
                 print(line, flush=True)
-                line = f"           handshake phase: {res['hs_per_s']:6.0f} conn/s"
+                line = f"               handshake phase: {res['hs_per_s']:6.0f} conn/s"
                 if "hs_b_conns_per_client" in res:
                     line += f", {res['hs_b_conns_per_client']:.3f} new A→B conns per client conn"
                 if "hs_completed_per_client" in res:
