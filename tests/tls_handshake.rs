@@ -59,6 +59,15 @@ async fn mutual_tls_proves_both_identities_and_negotiates_alpn() {
             tls.protocol_version(),
             Some(rustls::ProtocolVersion::TLSv1_3)
         );
+        // The suite and group Envoy, HAProxy and nginx negotiate too (the benchmark compares like with like).
+        assert_eq!(
+            tls.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        assert_eq!(
+            tls.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(rustls::NamedGroup::X25519)
+        );
         assert_eq!(conn.echo("ping").await.unwrap(), "ping");
 
         let (peer, negotiated) = next_outcome(&mut outcomes).await.unwrap();

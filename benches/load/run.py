@@ -50,6 +50,7 @@ CONF = os.path.join(HERE, "conf")
 ORIGIN_ADDR = "10.201.0.1"  # test address on a dummy interface inside the namespace
 ORIGIN_PORT = 8080  # what direct and the reverse proxies connect to
 APP_PORT = 8081  # the "app port": outbound traffic to it is redirected into meshlet
+TCP_APP_PORT = 8083  # another app port of the origin: mtls.py's handshake phase reaches it as opaque TCP
 BODY_BYTES = 1024
 PROXY_UID = 2102  # meshlet's uid, exempt from the redirect like a real sidecar's
 MESHLET_OUTBOUND_PORT = 15001
@@ -164,7 +165,7 @@ class Bench:
 
     def render(self, template, name, **extra):
         values = dict(DIR=self.dir, ORIGIN_ADDR=ORIGIN_ADDR, ORIGIN_PORT=ORIGIN_PORT, APP_PORT=APP_PORT,
-                      **extra)
+                      TCP_APP_PORT=TCP_APP_PORT, **extra)
         with open(os.path.join(CONF, template)) as f:
             text = string.Template(f.read()).substitute(values)
         path = os.path.join(self.dir, name)

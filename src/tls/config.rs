@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, NoServerSessionStorage};
-use rustls::{ClientConfig, ServerConfig};
+use rustls::{CipherSuite, ClientConfig, ServerConfig};
 
 use super::store::IdentityStore;
 use super::verify::{SpiffeClientVerifier, SpiffeServerVerifier};
@@ -35,10 +35,21 @@ pub fn offers_mesh_alpn(hello: &ClientHello<'_>) -> bool {
 
 /// The one crypto provider of the process (ring), passed explicitly to every rustls builder so that no
 /// process-wide default is needed and no second provider can be picked up.
+///
+/// ring's default suites with `TLS13_AES_128_GCM_SHA256` moved first. A rustls server follows the client's
+/// order, so two sidecars settle on AES-128-GCM (as Envoy, HAProxy, nginx and Go's TLS do with AES-NI)
+/// instead of AES-256-GCM: 128-bit keys already match the X25519 and P-256 keys of the handshake, and each
+/// record costs fewer AES rounds. The other suites stay offered, in ring's order.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .get_or_init(|| {
+            let mut provider = rustls::crypto::ring::default_provider();
+            provider
+                .cipher_suites
+                .sort_by_key(|suite| suite.suite() != CipherSuite::TLS13_AES_128_GCM_SHA256);
+            Arc::new(provider)
+        })
         .clone()
 }
 
