@@ -178,6 +178,8 @@ pub struct ApiRouter {
     pub issuance: IssuanceService,
     /// What injected sidecars look like.
     pub inject: Arc<meshlet::inject::InjectConfig>,
+    /// The discovery watch streams (`GET /v1/mesh/watch`).
+    pub watch: Arc<crate::mesh_watch::WatchService>,
 }
 
 /// Largest AdmissionReview accepted (a pod spec with many containers is well under this).
@@ -212,6 +214,9 @@ impl Router for ApiRouter {
         }
         if request.uri().path() == WHOAMI_PATH {
             return whoami(&request);
+        }
+        if request.uri().path() == meshlet::discovery::protocol::WATCH_PATH {
+            return self.watch.serve(&request);
         }
         if request.uri().path() != ISSUE_PATH {
             return json_error(

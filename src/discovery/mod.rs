@@ -15,6 +15,9 @@ use crate::policy::idempotency::{DedupStore, MemoryStore};
 use crate::policy::{DestinationPolicy, PolicyFile, PolicyMetrics};
 use crate::tls::{AllowList, SpiffeId};
 
+pub mod protocol;
+pub mod watch;
+
 /// The mesh as configured: every known service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
