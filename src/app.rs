@@ -10,6 +10,8 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::ProxyArgs;
+use crate::control_plane::ControlPlaneClient;
+use crate::discovery::watch::{DiscoveryMetrics, WatchSettings, FIRST_STATE_WAIT};
 use crate::discovery::{self, Mesh, MeshConfig};
 use crate::drain;
 use crate::listener;
@@ -97,6 +99,7 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
     start_admin(admin_listener, state.clone())?;
 
     // With a control plane, the sidecar gets its certificate first and is ready only once it has one.
+    let watch_settings = identity.clone();
     let (mesh_client, tls_server, store) = match identity {
         Some(settings) => {
             let manager = CertManager::new(settings)?;
@@ -119,6 +122,22 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
     if let Some(path) = &config.mesh_config {
         discovery::watch_file(path.clone(), mesh.clone());
     }
+    // Without a local file, the mesh comes from the control plane's watch (a file is the local override).
+    let first_mesh_state = match (&config.mesh_config, watch_settings, &store) {
+        (None, Some(settings), Some(store)) => {
+            let channel = ControlPlaneClient::new(&settings, store.clone())?;
+            let metrics = DiscoveryMetrics::register(&state.registry)
+                .context("registering discovery metrics")?;
+            Some(discovery::watch::spawn(
+                channel,
+                store.clone(),
+                mesh.clone(),
+                metrics,
+                WatchSettings::default(),
+            ))
+        }
+        _ => None,
+    };
     let pool = Pool::new(PoolSettings {
         connect_timeout: config.connect_timeout,
         idle_timeout: config.pool_idle_timeout,
@@ -157,6 +176,9 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
         if let Some(store) = store {
             info!("waiting for the workload certificate");
             store.ready().await;
+        }
+        if let Some(first) = first_mesh_state {
+            first.wait(FIRST_STATE_WAIT).await;
         }
         ready_state.ready.store(true, Ordering::Release);
         info!("meshlet proxy ready");

@@ -7,7 +7,10 @@
 //! change well within the one-second budget for reaching the sidecars.
 //!
 //! A bad edit is logged with the field and the value, counted in
-//! `meshlet_control_mesh_file_reloads_total{result="invalid"}`, and the last good state stays in force.
+//! `meshlet_control_mesh_file_reloads_total{result="invalid"}`, and the last good state stays in force. An
+//! empty file is taken as a write in progress and skipped. Tools should replace the file atomically (write a
+//! temporary file, then rename it over; Kubernetes does this for mounted ConfigMaps): a reader can otherwise
+//! catch a partly written file that happens to be valid.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -98,6 +101,12 @@ impl MeshFileWatch {
             return;
         }
         self.seen = now;
+        // An editor that rewrites the file in place empties it first; an empty file is a write in progress,
+        // not a request to empty the mesh (that is `services: []`).
+        if now.is_some_and(|(_, len)| len == 0) {
+            tracing::debug!(path = %self.path.display(), "mesh file is empty; waiting for its content");
+            return;
+        }
         match MeshConfig::from_file(&self.path) {
             Ok(mesh) => {
                 self.reloads.with_label_values(&["applied"]).inc();
@@ -190,6 +199,12 @@ mod tests {
         assert!(!mesh.has_changed().unwrap());
         assert_eq!(mesh.borrow().services[0].name, "bb");
         assert_eq!(reloads(&registry, "applied"), 1);
+
+        // An emptied file (an in-place rewrite under way) is neither applied nor an error.
+        std::fs::write(&path, "").unwrap();
+        tokio::time::sleep(4 * POLL_INTERVAL).await;
+        assert!(!mesh.has_changed().unwrap());
+        assert_eq!(reloads(&registry, "invalid"), 1);
 
         stop.send(true).unwrap();
         task.await.unwrap();
