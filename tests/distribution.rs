@@ -386,6 +386,7 @@ async fn a_bad_edit_is_refused_naming_the_field_and_the_last_good_state_stays() 
         .lines()
         .find(|l| l.contains("mesh file change refused"))
         .unwrap_or_else(|| panic!("no refusal logged:\n{log}"));
+    eprintln!("control plane log: {line}");
     assert!(
         line.contains("mode") && line.contains("lax"),
         "the log names the field and the value: {line}"

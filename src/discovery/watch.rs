@@ -140,7 +140,7 @@ pub enum Step {
         /// Its version.
         version: u64,
         /// The state.
-        mesh: MeshConfig,
+        mesh: Box<MeshConfig>,
     },
     /// A snapshot equal to the state held (typically after a reconnect): only the version moves.
     Unchanged {
@@ -201,7 +201,10 @@ impl Follower {
                 if same {
                     Step::Unchanged { version }
                 } else {
-                    Step::Apply { version, mesh }
+                    Step::Apply {
+                        version,
+                        mesh: Box::new(mesh),
+                    }
                 }
             }
             WatchMessage::Delta(delta) => {
@@ -224,7 +227,7 @@ impl Follower {
                 self.current = Some((delta.version, next.clone()));
                 Step::Apply {
                     version: delta.version,
-                    mesh: next,
+                    mesh: Box::new(next),
                 }
             }
             WatchMessage::Heartbeat { version } => match held {
@@ -308,10 +311,12 @@ pub fn spawn(
         identity.ready().await;
         let watcher = Watcher {
             client,
-            mesh,
-            metrics,
             settings,
-            first,
+            applier: Applier {
+                mesh,
+                metrics,
+                first,
+            },
         };
         watcher.run().await;
     });
@@ -320,10 +325,8 @@ pub fn spawn(
 
 struct Watcher {
     client: Arc<ControlPlaneClient>,
-    mesh: Arc<Mesh>,
-    metrics: DiscoveryMetrics,
     settings: WatchSettings,
-    first: watch::Sender<bool>,
+    applier: Applier,
 }
 
 impl Watcher {
@@ -333,7 +336,7 @@ impl Watcher {
         loop {
             let mut synced = false;
             let ended = self.follow(&mut follower, &mut synced).await;
-            self.metrics.connected.set(0);
+            self.applier.metrics.connected.set(0);
             // A stream that delivered a state was a success: the next attempt starts from the shortest delay.
             if synced {
                 backoff = self.settings.backoff_initial;
@@ -361,7 +364,7 @@ impl Watcher {
         if response.status() != StatusCode::OK {
             return refused(response).await;
         }
-        self.metrics.connected.set(1);
+        self.applier.metrics.connected.set(1);
         tracing::info!(control_plane = %self.client.addr(), "discovery watch connected");
         follower.new_stream();
         let mut body = response.into_body();
@@ -382,14 +385,23 @@ impl Watcher {
                 Err(error) => return error,
             };
             for line in complete {
-                match self.handle(follower, &line) {
+                match self.applier.handle(follower, &line) {
                     Ok(took_state) => *synced |= took_state,
                     Err(error) => return error,
                 }
             }
         }
     }
+}
 
+/// Puts the states of the stream in force: decodes a line, lets the follower judge it, checks it.
+struct Applier {
+    mesh: Arc<Mesh>,
+    metrics: DiscoveryMetrics,
+    first: watch::Sender<bool>,
+}
+
+impl Applier {
     /// Handles one line; `Ok(true)` when it was a state (applied, refused or unchanged).
     fn handle(&self, follower: &mut Follower, line: &[u8]) -> Result<bool, WatchError> {
         let message: WatchMessage = match serde_json::from_slice(line) {
@@ -496,7 +508,7 @@ mod tests {
             follower.on_message(snapshot(5, "a")),
             Step::Apply {
                 version: 5,
-                mesh: mesh("a")
+                mesh: Box::new(mesh("a"))
             }
         );
         // Not newer than what is held: ignored, whatever its content.
@@ -512,7 +524,7 @@ mod tests {
             follower.on_message(delta(5, 6, "a", "b")),
             Step::Apply {
                 version: 6,
-                mesh: mesh("b")
+                mesh: Box::new(mesh("b"))
             }
         );
         // A delta for another base means a change was missed: resync.
@@ -544,7 +556,7 @@ mod tests {
             follower.on_message(snapshot(3, "b")),
             Step::Apply {
                 version: 3,
-                mesh: mesh("b")
+                mesh: Box::new(mesh("b"))
             }
         );
         follower.new_stream();
@@ -557,6 +569,66 @@ mod tests {
         assert!(matches!(
             follower.on_message(delta(4, 5, "b", "c")),
             Step::Resync(_)
+        ));
+    }
+
+    #[test]
+    fn a_state_that_fails_the_checks_is_refused_and_the_last_good_one_stays() {
+        let registry = Registry::new();
+        let policy = crate::policy::PolicyMetrics::register(&registry).unwrap();
+        let live = Arc::new(Mesh::new(&MeshConfig::default(), policy, None));
+        let (first, first_rx) = watch::channel(false);
+        let applier = Applier {
+            mesh: live.clone(),
+            metrics: DiscoveryMetrics::register(&registry).unwrap(),
+            first,
+        };
+        let line = |message: &WatchMessage| super::super::protocol::encode_line(message).unwrap();
+        let mut follower = Follower::new();
+        assert_eq!(
+            applier.handle(&mut follower, &line(&snapshot(1, "a"))).ok(),
+            Some(true)
+        );
+        assert!(*first_rx.borrow());
+        let endpoint: std::net::SocketAddr = "10.0.0.1:80".parse().unwrap();
+        assert_eq!(
+            live.table().outbound(endpoint).unwrap().service.as_ref(),
+            "a"
+        );
+
+        // Two services claiming one endpoint: refused, counted, and "a" stays in force.
+        let mut twice = mesh("a");
+        twice.services.extend(mesh("b").services);
+        let bad = WatchMessage::Snapshot {
+            version: 2,
+            mesh: twice,
+        };
+        assert_eq!(applier.handle(&mut follower, &line(&bad)).ok(), Some(true));
+        assert_eq!(
+            live.table().outbound(endpoint).unwrap().service.as_ref(),
+            "a"
+        );
+        assert_eq!(
+            applier
+                .metrics
+                .updates
+                .with_label_values(&["invalid"])
+                .get(),
+            1
+        );
+        assert_eq!(
+            applier
+                .metrics
+                .updates
+                .with_label_values(&["applied"])
+                .get(),
+            1
+        );
+        assert_eq!(applier.metrics.version.get(), 2);
+        // Not JSON of the protocol: the stream is given up.
+        assert!(matches!(
+            applier.handle(&mut follower, b"{\"type\":\"snapshot\",\"version\":\"x\"}"),
+            Err(WatchError::Decode(_))
         ));
     }
 
