@@ -8,6 +8,7 @@ pub mod ca;
 pub mod config;
 pub mod credential;
 pub mod issue;
+pub mod k8s;
 pub mod local;
 pub mod mesh_watch;
 pub mod metrics;

@@ -2,6 +2,7 @@
 //! Kubernetes client, so the control plane is never linked into it), a join token per pod, and the mesh file
 //! that tells every sidecar which destinations are meshed and what identity each must prove.
 
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,14 +10,14 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
-use super::{admin_get, Pod};
+use super::{admin_get, Pod, Role};
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const NAMESPACE: &str = "shop";
-const API_ADDR: &str = "127.0.0.1:18443";
-const ADMIN_ADDR: &str = "127.0.0.1:19990";
+pub(crate) const API_ADDR: &str = "127.0.0.1:18443";
+pub(crate) const ADMIN_ADDR: &str = "127.0.0.1:19990";
 
 /// The identity flags of a pod's sidecar.
 pub(crate) type SidecarFlags = Box<dyn Fn(&Pod) -> Vec<String> + Send + Sync>;
@@ -40,6 +41,7 @@ pub(crate) async fn start(
     binary: &Path,
     pods: &[Pod],
     workdir: &Path,
+    mesh_file: &Path,
 ) -> anyhow::Result<ControlPlane> {
     let mut tokens = String::new();
     for pod in pods {
@@ -53,7 +55,7 @@ pub(crate) async fn start(
     let tokens_file = workdir.join("join-tokens.yaml");
     std::fs::write(&tokens_file, tokens).context("writing the demo join tokens")?;
     let data_dir = workdir.join("ca");
-    let child = Command::new(binary)
+    let child = super::child_command(binary)
         .args([
             "serve",
             "--mode",
@@ -63,14 +65,20 @@ pub(crate) async fn start(
             "--cert-ttl",
             "1h",
         ])
-        .args(["--api-addr", API_ADDR, "--admin-addr", ADMIN_ADDR])
+        .args([
+            "--api-addr",
+            API_ADDR,
+            "--admin-addr",
+            ADMIN_ADDR,
+            "--log",
+            "warn",
+        ])
         .arg("--data-dir")
         .arg(&data_dir)
         .arg("--join-tokens")
         .arg(&tokens_file)
-        .stdin(Stdio::null())
+        .args(control_plane_mesh_flags(mesh_file))
         .stdout(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let admin: SocketAddr = ADMIN_ADDR.parse()?;
@@ -116,32 +124,112 @@ pub(crate) async fn start(
     })
 }
 
-/// The shop's resilience policies: payment is flaky, so order's sidecar retries it with an injected
-/// Idempotency-Key and payment's sidecar de-duplicates, so a retried charge is answered, never applied twice.
+/// What the control plane is told about the mesh file: nothing yet. When it distributes the mesh state, it
+/// gets the file here (to watch and push) and [`mesh_state_flags`] points the sidecars at it instead.
+pub(crate) fn control_plane_mesh_flags(_mesh_file: &Path) -> Vec<OsString> {
+    Vec::new()
+}
+
+/// Where every sidecar gets its mesh state (services, endpoints, identities, policies) from: today the mesh
+/// file itself, re-read by each sidecar when it changes. This is the one place to switch when the control
+/// plane distributes the state (it will watch the same file and push it to the sidecars).
+pub(crate) fn mesh_state_flags(mesh_file: &Path) -> Vec<OsString> {
+    vec!["--mesh-config".into(), mesh_file.into()]
+}
+
+/// The shop's per-service resilience policies, keyed by the destination service's name (what its callers'
+/// sidecars apply). Payment is flaky, so order's sidecar retries it with an injected Idempotency-Key and
+/// payment's sidecar de-duplicates: a retried charge is answered, never applied twice.
 const POLICY: &str = "policy:
+  defaults:
+    timeouts: {request: 10s}
   services:
+    order:
+      # the saga: up to a 3 s charge, then its compensations
+      timeouts: {request: 20s}
+      retries: {max_attempts: 1}
+      breaker: {consecutive_failures: 20}
+    inventory:
+      timeouts: {request: 2s, per_try: 500ms}
+      retries: {max_attempts: 3}
     payment:
       timeouts: {request: 3s, per_try: 250ms}
       retries: {max_attempts: 4, backoff: {base: 20ms, max: 200ms}}
       idempotency: {inject: true, enforce: true}
-    inventory:
-      timeouts: {request: 2s, per_try: 500ms}
-      retries: {max_attempts: 2}
+      breaker: {consecutive_failures: 5, base_ejection: 1s, max_ejection: 4s}
+      routes:
+        - method: POST
+          path_prefix: /voids
+          overrides: {timeouts: {per_try: 1s}}
+    customer:
+      timeouts: {request: 1s, per_try: 300ms}
+    shipping:
+      timeouts: {request: 1s, per_try: 300ms}
 ";
 
-/// The mesh file: every app pod is a service whose one endpoint is its app, reached through its sidecar.
-pub(crate) fn mesh_yaml(pods: &[Pod], app_port: u16) -> String {
+/// The mesh file: every pod that serves something is a service whose one endpoint is its app (or Redis),
+/// reached through its sidecar. With identities on, every inbound is strict: plaintext is refused.
+pub(crate) fn mesh_yaml(pods: &[Pod], strict: bool) -> String {
+    let mode = if strict { "strict" } else { "permissive" };
     let mut yaml = String::from(POLICY);
     yaml.push_str("services:\n");
-    for pod in pods.iter().filter(|p| p.service.is_some()) {
+    for pod in pods {
+        let Some(app) = pod.app_addr() else { continue };
+        // Redis is opaque TCP (`meshlet/tcp` between the sidecars); the apps speak HTTP/1.1.
+        let protocol = match pod.role {
+            Role::Redis => "opaque",
+            _ => "http",
+        };
         let _ = write!(
             yaml,
-            "  - name: {}\n    identity: {}\n    endpoints:\n      - address: '{}'\n        sidecar: '{}'\n    inbound:\n      mode: permissive\n      allow: ['ns/{NAMESPACE}/*']\n",
+            "  - name: {}\n    identity: {}\n    ports: [{{port: {}, protocol: {protocol}}}]\n    endpoints:\n      - address: '{app}'\n        sidecar: '{}'\n    inbound:\n      mode: {mode}\n      allow: ['ns/{NAMESPACE}/*']\n",
             pod.name,
             identity(pod),
-            SocketAddr::new(pod.ip, app_port),
+            app.port(),
             SocketAddr::new(pod.ip, 15006),
         );
     }
     yaml
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::MeshConfig;
+
+    #[test]
+    fn the_mesh_file_is_valid_and_lists_every_serving_pod_with_its_policy() {
+        let pods = crate::demo::pods(true);
+        let yaml = mesh_yaml(&pods, true);
+        let config = MeshConfig::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "api-gateway",
+                "order",
+                "inventory",
+                "payment",
+                "customer",
+                "shipping",
+                "redis"
+            ]
+        );
+        assert!(config.policy.services.contains_key("payment"));
+        let redis = &config.services[6];
+        assert_eq!(
+            redis.ports[0].protocol,
+            Some(crate::discovery::PortProtocol::Opaque)
+        );
+        assert_eq!(redis.ports[0].port, 6379);
+        assert_eq!(
+            config
+                .policy
+                .resolve("payment")
+                .default
+                .retries
+                .max_attempts,
+            4
+        );
+    }
 }

@@ -1,5 +1,6 @@
-//! The demo's live table: per edge (calling pod → destination) requests, status classes and latency,
-//! read from each sidecar's own `/metrics`, the way a person would read them.
+//! The demo's live table: per edge (calling pod → destination) requests/s, success rate, latency, retries,
+//! breaker state and mTLS share for HTTP, and connections and bytes for opaque TCP, from the counters that
+//! [`super::stats`] reads.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -56,6 +57,9 @@ pub struct Edge {
     pub mtls: f64,
     /// Retries the calling sidecar made (policy metrics).
     pub retries: f64,
+    /// The calling sidecar's circuit state for the destination, worst endpoint: 0 closed, 1 open,
+    /// 2 half-open; `None` when the destination has no policy.
+    pub breaker: Option<i64>,
 }
 
 impl Edge {
@@ -126,7 +130,72 @@ impl Edge {
             buckets,
             mtls: self.mtls - earlier.mtls,
             retries: self.retries - earlier.retries,
+            breaker: self.breaker,
         }
+    }
+}
+
+/// Counters of one opaque TCP edge.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TcpEdge {
+    /// Connections opened.
+    pub opened: f64,
+    /// Connections closed.
+    pub closed: f64,
+    /// Bytes both ways, of connections that closed (the proxy counts a connection's bytes when it closes).
+    pub bytes: f64,
+    /// Connections open now.
+    pub open: f64,
+}
+
+impl TcpEdge {
+    /// This edge's counts since `earlier`; `open` stays the connections open now.
+    pub fn since(&self, earlier: &TcpEdge) -> TcpEdge {
+        TcpEdge {
+            opened: self.opened - earlier.opened,
+            closed: self.closed - earlier.closed,
+            bytes: self.bytes - earlier.bytes,
+            open: self.open,
+        }
+    }
+}
+
+/// Outbound opaque TCP edges of one sidecar, by destination.
+pub fn outbound_tcp_edges(samples: &[Sample]) -> BTreeMap<String, TcpEdge> {
+    let mut edges: BTreeMap<String, TcpEdge> = BTreeMap::new();
+    for s in samples {
+        if s.labels.get("direction").map(String::as_str) != Some("outbound") {
+            continue;
+        }
+        let Some(dst) = s.labels.get("destination") else {
+            continue;
+        };
+        if !matches!(
+            s.name.as_str(),
+            "meshlet_tcp_connections_opened_total"
+                | "meshlet_tcp_connections_closed_total"
+                | "meshlet_tcp_bytes_total"
+        ) {
+            continue;
+        }
+        let edge = edges.entry(dst.clone()).or_default();
+        match s.name.as_str() {
+            "meshlet_tcp_connections_opened_total" => edge.opened += s.value,
+            "meshlet_tcp_connections_closed_total" => edge.closed += s.value,
+            _ => edge.bytes += s.value,
+        }
+        edge.open = (edge.opened - edge.closed).max(0.0);
+    }
+    edges
+}
+
+/// A circuit state as the table shows it.
+fn breaker_name(state: Option<i64>) -> &'static str {
+    match state {
+        None => "-",
+        Some(0) => "closed",
+        Some(1) => "OPEN",
+        Some(_) => "half-open",
     }
 }
 
@@ -175,13 +244,34 @@ pub fn outbound_edges(samples: &[Sample]) -> BTreeMap<String, Edge> {
     edges
 }
 
-/// Formats the table: one row per edge over the last interval.
-pub fn render(rows: &[(String, String, Edge)], interval_secs: f64) -> String {
+/// One row of the table: calling pod, destination service, counts over the last interval.
+pub type Row<E> = (String, String, E);
+
+/// Formats the table: one row per HTTP edge, then one per opaque TCP edge, over the last interval.
+/// `tcp_mtls` is what the TCP rows say about mTLS (the proxy does not label TCP metrics with it; the demo
+/// knows whether the receiving sidecars are strict).
+pub fn render(
+    rows: &[Row<Edge>],
+    tcp: &[Row<TcpEdge>],
+    tcp_mtls: &str,
+    interval_secs: f64,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<16} {:>8} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>7} {:>8}",
-        "FROM", "TO", "RPS", "SUCCESS", "2xx", "4xx", "5xx", "P50", "P99", "MTLS", "RETRIES"
+        "{:<12} {:<12} {:>7} {:>8} {:>5} {:>5} {:>5} {:>9} {:>9} {:>7} {:>9} {:>6}",
+        "FROM",
+        "TO",
+        "RPS",
+        "SUCCESS",
+        "2xx",
+        "4xx",
+        "5xx",
+        "P50",
+        "P99",
+        "RETRIES",
+        "BREAKER",
+        "MTLS"
     );
     for (from, to, edge) in rows {
         let ms = |q| {
@@ -196,7 +286,7 @@ pub fn render(rows: &[(String, String, Edge)], interval_secs: f64) -> String {
         let class = |c: &str| edge.by_class.get(c).copied().unwrap_or(0.0);
         let _ = writeln!(
             out,
-            "{:<10} {:<16} {:>8.1} {:>7.1}% {:>6} {:>6} {:>6} {:>9} {:>9} {:>6.0}% {:>8}",
+            "{:<12} {:<12} {:>7.1} {:>7.1}% {:>5} {:>5} {:>5} {:>9} {:>9} {:>7} {:>9} {:>5.0}%",
             from,
             to,
             edge.total() / interval_secs,
@@ -206,8 +296,27 @@ pub fn render(rows: &[(String, String, Edge)], interval_secs: f64) -> String {
             class("5xx"),
             ms(0.5),
             ms(0.99),
+            edge.retries.round() as i64,
+            breaker_name(edge.breaker),
             edge.mtls_share() * 100.0,
-            edge.retries.round() as i64
+        );
+    }
+    for (from, to, edge) in tcp {
+        let _ = writeln!(
+            out,
+            "{:<12} {:<12} {:>7} {:>8} {:>5} {:>5} {:>5} {:>9} {:>9} {:>7} {:>9} {:>6}",
+            from,
+            to,
+            "tcp",
+            format!("{} open", edge.open),
+            format!("+{}", edge.opened),
+            format!("-{}", edge.closed),
+            "",
+            format!("{:.0} B/s", edge.bytes / interval_secs),
+            "",
+            "",
+            "",
+            tcp_mtls,
         );
     }
     out
@@ -233,8 +342,44 @@ meshlet_request_duration_seconds_bucket{destination="127.0.3.1:8080",direction="
         assert_eq!(edge.quantile(0.5), Some(0.001));
         assert_eq!(edge.quantile(0.9), Some(0.01));
         assert_eq!(edge.quantile(0.99), Some(f64::INFINITY));
-        let table = render(&[("order".into(), "inventory".into(), edge.clone())], 1.0);
+        let table = render(
+            &[("order".into(), "inventory".into(), edge.clone())],
+            &[],
+            "strict",
+            1.0,
+        );
         assert!(table.contains("90.0%"), "{table}");
         assert!((edge.mtls_share() - 0.9).abs() < 1e-9);
+    }
+
+    #[test]
+    fn tcp_edges_count_connections_and_bytes() {
+        let text = r#"meshlet_tcp_connections_opened_total{destination="127.0.8.1:6379",direction="outbound"} 2
+meshlet_tcp_connections_closed_total{destination="127.0.8.1:6379",direction="outbound"} 1
+meshlet_tcp_bytes_total{destination="127.0.8.1:6379",direction="outbound",flow="to_upstream"} 300
+meshlet_tcp_bytes_total{destination="127.0.8.1:6379",direction="outbound",flow="from_upstream"} 100
+meshlet_tcp_bytes_total{destination="127.0.8.1:6379",direction="inbound",flow="from_upstream"} 100
+"#;
+        let edges = outbound_tcp_edges(&parse(text));
+        let edge = &edges["127.0.8.1:6379"];
+        assert_eq!(
+            edge,
+            &TcpEdge {
+                opened: 2.0,
+                closed: 1.0,
+                bytes: 400.0,
+                open: 1.0
+            }
+        );
+        let table = render(
+            &[],
+            &[("order".into(), "redis".into(), edge.clone())],
+            "strict",
+            2.0,
+        );
+        assert!(
+            table.contains("1 open") && table.contains("200 B/s") && table.contains("strict"),
+            "{table}"
+        );
     }
 }
