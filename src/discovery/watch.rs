@@ -120,7 +120,7 @@ pub enum WatchError {
     Ended,
     /// The stream broke.
     #[error("the stream broke: {0}")]
-    Body(hyper::Error),
+    Body(String),
     /// A line longer than the limit.
     #[error("a message exceeds {0} bytes")]
     LineTooLong(usize),
@@ -367,30 +367,9 @@ impl Watcher {
         self.applier.metrics.connected.set(1);
         tracing::info!(control_plane = %self.client.addr(), "discovery watch connected");
         follower.new_stream();
-        let mut body = response.into_body();
-        let mut lines = LineBuffer::new(self.settings.max_line_bytes);
-        loop {
-            let frame =
-                match tokio::time::timeout(self.settings.heartbeat_timeout, body.frame()).await {
-                    Err(_) => return WatchError::Silent(self.settings.heartbeat_timeout),
-                    Ok(None) => return WatchError::Ended,
-                    Ok(Some(Err(error))) => return WatchError::Body(error),
-                    Ok(Some(Ok(frame))) => frame,
-                };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            let complete = match lines.push(&data) {
-                Ok(complete) => complete,
-                Err(error) => return error,
-            };
-            for line in complete {
-                match self.applier.handle(follower, &line) {
-                    Ok(took_state) => *synced |= took_state,
-                    Err(error) => return error,
-                }
-            }
-        }
+        self.applier
+            .read(response.into_body(), &self.settings, follower, synced)
+            .await
     }
 }
 
@@ -402,6 +381,43 @@ struct Applier {
 }
 
 impl Applier {
+    /// Follows one stream's body until it ends, breaks, stays silent past the heartbeat timeout, or carries
+    /// something that cannot be followed; `synced` tells whether a state was taken.
+    async fn read<B>(
+        &self,
+        mut body: B,
+        settings: &WatchSettings,
+        follower: &mut Follower,
+        synced: &mut bool,
+    ) -> WatchError
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let mut lines = LineBuffer::new(settings.max_line_bytes);
+        loop {
+            let frame = match tokio::time::timeout(settings.heartbeat_timeout, body.frame()).await {
+                Err(_) => return WatchError::Silent(settings.heartbeat_timeout),
+                Ok(None) => return WatchError::Ended,
+                Ok(Some(Err(error))) => return WatchError::Body(error.to_string()),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let complete = match lines.push(&data) {
+                Ok(complete) => complete,
+                Err(error) => return error,
+            };
+            for line in complete {
+                match self.handle(follower, &line) {
+                    Ok(took_state) => *synced |= took_state,
+                    Err(error) => return error,
+                }
+            }
+        }
+    }
+
     /// Handles one line; `Ok(true)` when it was a state (applied, refused or unchanged).
     fn handle(&self, follower: &mut Follower, line: &[u8]) -> Result<bool, WatchError> {
         let message: WatchMessage = match serde_json::from_slice(line) {
@@ -572,8 +588,29 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_state_that_fails_the_checks_is_refused_and_the_last_good_one_stays() {
+    /// A response body fed from a queue: frames as they are sent, silence while none is.
+    struct QueueBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl hyper::body::Body for QueueBody {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|data| data.map(|d| Ok(hyper::body::Frame::data(d))))
+        }
+    }
+
+    fn queue_body() -> (tokio::sync::mpsc::Sender<Bytes>, QueueBody) {
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        (sender, QueueBody(receiver))
+    }
+
+    fn applier() -> (Applier, Arc<Mesh>, watch::Receiver<bool>) {
         let registry = Registry::new();
         let policy = crate::policy::PolicyMetrics::register(&registry).unwrap();
         let live = Arc::new(Mesh::new(&MeshConfig::default(), policy, None));
@@ -583,6 +620,54 @@ mod tests {
             metrics: DiscoveryMetrics::register(&registry).unwrap(),
             first,
         };
+        (applier, live, first_rx)
+    }
+
+    #[tokio::test]
+    async fn a_silent_stream_ends_at_the_heartbeat_timeout_and_a_long_line_ends_it_too() {
+        let (applier, live, _) = applier();
+        let settings = WatchSettings {
+            heartbeat_timeout: Duration::from_millis(200),
+            max_line_bytes: 64 << 10,
+            ..WatchSettings::default()
+        };
+        let (sender, body) = queue_body();
+        let line = super::super::protocol::encode_line(&snapshot(1, "a")).unwrap();
+        // The snapshot arrives in two frames, then nothing: the stream is alive until the timeout.
+        sender
+            .send(Bytes::copy_from_slice(&line[..10]))
+            .await
+            .unwrap();
+        sender
+            .send(Bytes::copy_from_slice(&line[10..]))
+            .await
+            .unwrap();
+        let (mut follower, mut synced) = (Follower::new(), false);
+        let started = tokio::time::Instant::now();
+        let ended = applier
+            .read(body, &settings, &mut follower, &mut synced)
+            .await;
+        assert!(matches!(ended, WatchError::Silent(_)), "{ended}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(synced);
+        let endpoint: std::net::SocketAddr = "10.0.0.1:80".parse().unwrap();
+        assert!(live.table().outbound(endpoint).is_some());
+        drop(sender);
+
+        let (sender, body) = queue_body();
+        sender
+            .send(Bytes::from(vec![b'x'; 70 << 10]))
+            .await
+            .unwrap();
+        let ended = applier
+            .read(body, &settings, &mut follower, &mut false)
+            .await;
+        assert!(matches!(ended, WatchError::LineTooLong(_)), "{ended}");
+    }
+
+    #[test]
+    fn a_state_that_fails_the_checks_is_refused_and_the_last_good_one_stays() {
+        let (applier, live, first_rx) = applier();
         let line = |message: &WatchMessage| super::super::protocol::encode_line(message).unwrap();
         let mut follower = Follower::new();
         assert_eq!(
