@@ -6,6 +6,10 @@
 //! for replay, `inbound_dedup` is the receiver's de-duplication with a fresh key per request (claim, forward in
 //! its own task, store).
 //!
+//! How the data path reaches a stack: `*_built_per_request` assembles the stack for every request (what the
+//! proxy did before stacks were kept per destination), `*_kept` sends through the destination's kept stack
+//! (`DestinationPolicy::send_outbound` / `send_inbound`, what the proxy does now).
+//!
 //! Run: `cargo bench --bench policy`.
 
 use std::convert::Infallible;
@@ -27,6 +31,27 @@ struct NeverFails;
 impl Classify for NeverFails {
     fn failure_kind(&self) -> FailureKind {
         FailureKind::Other
+    }
+}
+
+/// The in-process service as a stateless last hop, as kept stacks need (`Default`).
+#[derive(Clone, Default)]
+struct Answer;
+
+impl tower::Service<Request<Body>> for Answer {
+    type Response = Response<Body>;
+    type Error = NeverFails;
+    type Future = std::future::Ready<Result<Response<Body>, NeverFails>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), NeverFails>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<Body>) -> Self::Future {
+        std::future::ready(Ok(Response::new(full_body(Bytes::from_static(b"ok")))))
     }
 }
 
@@ -79,6 +104,28 @@ fn policy_stacks(c: &mut Criterion) {
     group.bench_function("outbound_post_keyed", |b| {
         b.to_async(&rt)
             .iter(|| send(&outbound, post(b"{\"cents\":100}")))
+    });
+    group.bench_function("outbound_built_per_request", |b| {
+        b.to_async(&rt).iter(|| send(&dp.outbound(Answer), get()))
+    });
+    group.bench_function("outbound_kept", |b| {
+        b.to_async(&rt)
+            .iter(|| dp.send_outbound::<Answer, _>(get()))
+    });
+    let unkeyed = || {
+        Request::get("http://svc.bench:8080/item")
+            .body(full_body(Bytes::new()))
+            .unwrap_or_default()
+    };
+    let inbound_store: Arc<dyn meshlet::policy::idempotency::DedupStore> =
+        Arc::new(MemoryStore::new("svc", 10_000, 64 << 20, metrics.clone()));
+    group.bench_function("inbound_built_per_request", |b| {
+        b.to_async(&rt)
+            .iter(|| send(&dp.inbound(Answer, inbound_store.clone()), unkeyed()))
+    });
+    group.bench_function("inbound_kept", |b| {
+        b.to_async(&rt)
+            .iter(|| dp.send_inbound::<Answer, _>(&inbound_store, unkeyed()))
     });
     group.bench_function("inbound_dedup", |b| {
         b.to_async(&rt).iter(|| {

@@ -16,11 +16,12 @@ use crate::discovery::{self, Mesh, MeshConfig};
 use crate::drain;
 use crate::listener;
 use crate::metrics::{Direction, Metrics};
-use crate::policy::idempotency::{DedupStore, RedisStore};
+use crate::policy::idempotency::{DedupStore, RedisLimits, RedisStore};
 use crate::policy::PolicyMetrics;
 use crate::proxy::mesh::MeshClient;
 use crate::proxy::pool::{Pool, PoolSettings};
 use crate::proxy::{self, Inputs};
+use crate::telemetry;
 use crate::tls::{self, CertManager};
 
 /// Runs `meshlet proxy` until it is told to stop and has drained.
@@ -86,6 +87,9 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
 
     let registry = Registry::new();
     let metrics = Metrics::new(&registry).context("registering metrics")?;
+    let telemetry_registry = registry.clone();
+    let reporter_metrics =
+        telemetry::ReporterMetrics::register(&registry).context("registering telemetry metrics")?;
     let policy_metrics =
         PolicyMetrics::register(&registry).context("registering policy metrics")?;
     let state = Arc::new(AdminState {
@@ -99,23 +103,39 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
     start_admin(admin_listener, state.clone())?;
 
     // With a control plane, the sidecar gets its certificate first and is ready only once it has one.
-    let watch_settings = identity.clone();
-    let (mesh_client, tls_server, store) = match identity {
+    let (mesh_client, tls_server, store, control_plane) = match identity {
         Some(settings) => {
-            let manager = CertManager::new(settings)?;
+            let own_identity = settings.identity.clone();
+            let manager = CertManager::new(settings.clone())?;
             let store = manager.store().clone();
             tokio::spawn(manager.run());
             let server = tls::server_config(&store)?;
             let client = Arc::new(MeshClient::new(store.clone(), config.connect_timeout));
-            (Some(client), Some(server), Some(store))
+            let control_plane = ControlPlaneClient::new(&settings, store.clone())?;
+            (
+                Some(client),
+                Some(server),
+                Some(store),
+                Some((control_plane, own_identity)),
+            )
         }
-        None => (None, None, None),
+        None => (None, None, None, None),
     };
 
     let shared_store: Option<Arc<dyn DedupStore>> = match &config.dedup_redis_url {
-        Some(url) => Some(Arc::new(RedisStore::connect(url).await.with_context(
-            || format!("invalid value '{url}' for '--dedup-redis-url' (MESHLET_DEDUP_REDIS_URL)"),
-        )?)),
+        Some(url) => Some(Arc::new(
+            RedisStore::connect(url)
+                .await
+                .with_context(|| {
+                    format!(
+                        "invalid value '{url}' for '--dedup-redis-url' (MESHLET_DEDUP_REDIS_URL)"
+                    )
+                })?
+                .with_limits(RedisLimits {
+                    max_value_bytes: config.dedup_redis_max_value_bytes as usize,
+                    max_ttl: config.dedup_redis_max_ttl,
+                }),
+        )),
         None => None,
     };
     let mesh = Arc::new(Mesh::new(&mesh_config, policy_metrics, shared_store));
@@ -123,13 +143,12 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
         discovery::watch_file(path.clone(), mesh.clone());
     }
     // Without a local file, the mesh comes from the control plane's watch (a file is the local override).
-    let first_mesh_state = match (&config.mesh_config, watch_settings, &store) {
-        (None, Some(settings), Some(store)) => {
-            let channel = ControlPlaneClient::new(&settings, store.clone())?;
+    let first_mesh_state = match (&config.mesh_config, &control_plane, &store) {
+        (None, Some((channel, _)), Some(store)) => {
             let metrics = DiscoveryMetrics::register(&state.registry)
                 .context("registering discovery metrics")?;
             Some(discovery::watch::spawn(
-                channel,
+                channel.clone(),
                 store.clone(),
                 mesh.clone(),
                 metrics,
@@ -138,6 +157,14 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    if let (Some((client, own_identity)), Some(store)) = (control_plane, store.clone()) {
+        let reporter = telemetry::Reporter::new(own_identity, telemetry_registry, mesh.clone());
+        let interval = config.report_interval;
+        tokio::spawn(async move {
+            store.ready().await;
+            telemetry::run(reporter, client, interval, reporter_metrics).await;
+        });
+    }
     let pool = Pool::new(PoolSettings {
         connect_timeout: config.connect_timeout,
         idle_timeout: config.pool_idle_timeout,

@@ -8,9 +8,16 @@
 //! endpoint. Endpoints ejected by the circuit breaker are skipped; when every endpoint is ejected the
 //! request still goes down to the breaker, which answers 503 `circuit-open` without touching the network.
 //!
+//! Requests carrying an `Idempotency-Key` go to the key's own endpoint instead (rendezvous hashing of the key
+//! over the endpoints), while that endpoint is not ejected: a retry then reaches the replica that took the
+//! first attempt, whose de-duplication table already knows the key, even without a shared store. This is an
+//! optimisation, not the guarantee (that is the shared store's job): when the key's endpoint is ejected the
+//! request falls back to the two choices, and keyed requests are spread by key rather than by latency.
+//!
 //! The chosen endpoint is recorded in the request's [`Endpoint`] extension and written into its URI (the
 //! original authority stays in `Host`), so the client below connects to it.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,6 +32,7 @@ use tower::{Layer, Service};
 
 use crate::policy::body::with_guard;
 use crate::policy::breaker::{BreakerTable, Endpoint};
+use crate::policy::idempotency::IDEMPOTENCY_KEY;
 use crate::policy::{oneshot, proxy_response, Body, ProxyReason};
 
 /// Latency assumed for an endpoint before it has answered.
@@ -130,14 +138,25 @@ impl Endpoints {
         self.snapshot().iter().map(|e| e.addr).collect()
     }
 
+    /// One endpoint for a connection (opaque TCP, `CONNECT`, WebSocket), chosen as a request would be.
+    pub fn pick(&self) -> Option<SocketAddr> {
+        self.choose(None).map(|e| e.addr)
+    }
+
     fn snapshot(&self) -> Arc<Vec<Arc<EndpointLoad>>> {
         crate::policy::read(&self.current).clone()
     }
 
-    /// Power of two choices among available endpoints; any endpoint when none is available (the breaker
-    /// below refuses it); `None` when there are no endpoints at all.
-    fn choose(&self) -> Option<Arc<EndpointLoad>> {
+    /// The endpoint of `key` when there is one and it is available; else power of two choices among
+    /// available endpoints; any endpoint when none is available (the breaker below refuses it); `None` when
+    /// there are no endpoints at all.
+    fn choose(&self, key: Option<&[u8]>) -> Option<Arc<EndpointLoad>> {
         let all = self.snapshot();
+        if let Some(home) = key.and_then(|key| home_of(&all, key)) {
+            if self.breakers.is_available(&home.addr) {
+                return Some(home.clone());
+            }
+        }
         let available: Vec<&Arc<EndpointLoad>> = all
             .iter()
             .filter(|e| self.breakers.is_available(&e.addr))
@@ -163,6 +182,18 @@ impl Endpoints {
             }
         }
     }
+}
+
+/// The endpoint `key` belongs to: the one whose hash with the key is highest (rendezvous hashing), so that
+/// adding or removing an endpoint moves only the keys of that endpoint. The hash only has to agree within
+/// this process: the retries of a request are sent by the sidecar that sent its first attempt.
+fn home_of<'a>(endpoints: &'a [Arc<EndpointLoad>], key: &[u8]) -> Option<&'a Arc<EndpointLoad>> {
+    endpoints.iter().max_by_key(|endpoint| {
+        let mut hasher = DefaultHasher::new();
+        key.hash(&mut hasher);
+        endpoint.addr.hash(&mut hasher);
+        hasher.finish()
+    })
 }
 
 /// Spreads requests over a service's [`Endpoints`].
@@ -254,7 +285,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let Some(endpoint) = self.endpoints.choose() else {
+        let key = req
+            .headers()
+            .get(IDEMPOTENCY_KEY)
+            .map(HeaderValue::as_bytes);
+        let Some(endpoint) = self.endpoints.choose(key) else {
             return Box::pin(async { Ok(proxy_response(ProxyReason::NoEndpoints)) });
         };
         retarget(&mut req, &endpoint);
@@ -285,7 +320,7 @@ mod tests {
         endpoints.snapshot()[0].observe(Duration::from_millis(50));
         endpoints.snapshot()[1].observe(Duration::from_millis(1));
         for _ in 0..100 {
-            assert_eq!(endpoints.choose().unwrap().addr, addr(2));
+            assert_eq!(endpoints.choose(None).unwrap().addr, addr(2));
         }
         endpoints.update(&[addr(2), addr(3)]);
         assert_eq!(endpoints.addrs(), vec![addr(2), addr(3)]);
@@ -293,6 +328,35 @@ mod tests {
             endpoints.snapshot()[0].cost() < DEFAULT_RTT.as_nanos() as f64,
             "kept its estimate"
         );
+    }
+
+    #[tokio::test]
+    async fn keys_have_a_home_endpoint_unless_it_is_ejected() {
+        let metrics = PolicyMetrics::unregistered();
+        let table = Arc::new(BreakerTable::new("svc", metrics));
+        let endpoints = Endpoints::new(&[addr(1), addr(2), addr(3)], table.clone());
+        let home = endpoints.choose(Some(b"key-1")).unwrap().addr;
+        for _ in 0..50 {
+            assert_eq!(endpoints.choose(Some(b"key-1")).unwrap().addr, home);
+        }
+        let homes: std::collections::HashSet<SocketAddr> = (0..60)
+            .map(|i| {
+                let key = format!("key-{i}");
+                endpoints.choose(Some(key.as_bytes())).unwrap().addr
+            })
+            .collect();
+        assert_eq!(homes.len(), 3, "keys spread over every endpoint");
+        // Removing another endpoint does not move the key.
+        let other = [addr(1), addr(2), addr(3)]
+            .into_iter()
+            .find(|a| *a != home)
+            .unwrap();
+        let rest: Vec<SocketAddr> = [addr(1), addr(2), addr(3)]
+            .into_iter()
+            .filter(|a| *a != other)
+            .collect();
+        endpoints.update(&rest);
+        assert_eq!(endpoints.choose(Some(b"key-1")).unwrap().addr, home);
     }
 
     #[test]

@@ -131,10 +131,29 @@ pub struct ProxyArgs {
     #[arg(long, env = "MESHLET_DEDUP_REDIS_URL", value_name = "URL")]
     pub dedup_redis_url: Option<String>,
 
+    /// Largest value written to the shared Redis for one idempotency key (bytes); a larger response is not
+    /// stored and its key is released.
+    #[arg(long, env = "MESHLET_DEDUP_REDIS_MAX_VALUE_BYTES", default_value_t = 2 << 20,
+          value_parser = clap::value_parser!(u32).range(1024..), value_name = "BYTES")]
+    pub dedup_redis_max_value_bytes: u32,
+
+    /// Longest TTL given to an idempotency key in the shared Redis, whatever a policy's `ttl` asks.
+    #[arg(long, env = "MESHLET_DEDUP_REDIS_MAX_TTL", default_value = "24h", value_parser = parse_duration,
+          value_name = "DURATION")]
+    #[serde(with = "humantime_serde_compat")]
+    pub dedup_redis_max_ttl: Duration,
+
     /// The application's HTTP probes rewritten by the injector to `/app-health/...` on the admin port, as
     /// JSON (set by the injector; not for people to write).
     #[arg(long, env = "MESHLET_APP_PROBES", value_name = "JSON", hide = true)]
     pub app_probes: Option<String>,
+
+    /// How often the sidecar reports its counts to the control plane (only with a control plane, once the
+    /// certificate has arrived).
+    #[arg(long, env = "MESHLET_REPORT_INTERVAL", default_value = "5s", value_parser = parse_report_interval,
+          value_name = "DURATION")]
+    #[serde(with = "humantime_serde_compat")]
+    pub report_interval: Duration,
 
     /// Workload identity (needs a control plane; absent, the sidecar runs plain).
     #[command(flatten)]
@@ -156,6 +175,15 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(value)
         .map_err(|e| format!("expected a duration such as 500ms, 10s or 1m ({e})"))
+}
+
+/// A report interval between 100ms and 1h (zero would make the reporter spin).
+fn parse_report_interval(value: &str) -> Result<Duration, String> {
+    let interval = parse_duration(value)?;
+    if interval < Duration::from_millis(100) || interval > Duration::from_secs(3600) {
+        return Err("expected a duration between 100ms and 1h".into());
+    }
+    Ok(interval)
 }
 
 /// Serializes durations in `/config` the way they are written on the command line.

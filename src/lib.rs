@@ -19,4 +19,6 @@ pub mod listener;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod stat;
+pub mod telemetry;
 pub mod tls;

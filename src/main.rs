@@ -40,6 +40,9 @@ enum Command {
         #[arg(long, default_value = "120s", value_parser = meshlet::config::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Show the mesh's golden signals (success rate, requests/s, latency) per service or edge, from the
+    /// control plane.
+    Stat(meshlet::stat::StatArgs),
     /// Print the version.
     Version,
 }
@@ -50,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Command::Proxy(args) => meshlet::app::run(*args),
         Command::Init(args) => Ok(meshlet::init::run(&args)?),
         Command::Demo(args) => meshlet::demo::run(args),
+        Command::Stat(args) => meshlet::stat::run(args),
         Command::WaitReady {
             admin_addr,
             timeout,

@@ -8,7 +8,8 @@ use prometheus::{
 };
 
 /// Latency buckets in seconds: fine below a millisecond (the proxy's own cost), coarse above a second.
-const LATENCY_BUCKETS: &[f64] = &[
+/// Telemetry reports carry these bounds; the control plane checks they match its own.
+pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 

@@ -2,6 +2,7 @@
 
 mod policy_support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,5 +185,81 @@ async fn beyond_the_concurrency_and_pending_limits_requests_fail_fast() {
             .with_label_values(&["svc", "overloaded"])
             .get(),
         1
+    );
+}
+
+#[tokio::test]
+async fn keyed_requests_go_to_their_key_endpoint_and_fall_back_when_it_is_ejected() {
+    // The index of the endpoint that fails, once one is chosen.
+    let sick = Arc::new(AtomicUsize::new(usize::MAX));
+    let mut upstreams = Vec::new();
+    for i in 0..3 {
+        let sick = sick.clone();
+        upstreams.push(
+            Upstream::start(handler(move |_| {
+                let ill = sick.load(Ordering::SeqCst) == i;
+                async move {
+                    Ok(if ill {
+                        reply(503, "sick")
+                    } else {
+                        reply(200, "ok")
+                    })
+                }
+            }))
+            .await,
+        );
+    }
+    let addrs: Vec<_> = upstreams.iter().map(|u| u.addr).collect();
+    let metrics = PolicyMetrics::unregistered();
+    let yaml = "services:\n  svc:\n    retries: { max_attempts: 1 }\n    breaker: { consecutive_failures: 2, base_ejection: 10s, max_ejected_percent: 50 }\n";
+    let dp = DestinationPolicy::new("svc", policy(yaml), &addrs, &metrics);
+    let stack = dp.outbound(TestClient::http1());
+    let keyed = |key: &str| {
+        let mut req = request("POST", addrs[0], "/charge", "x");
+        req.headers_mut()
+            .insert("idempotency-key", format!("\"{key}\"").parse().unwrap());
+        req
+    };
+    for _ in 0..20 {
+        let resp = send(&stack, keyed("order-1")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let calls: Vec<usize> = upstreams.iter().map(Upstream::calls).collect();
+    assert_eq!(calls.iter().sum::<usize>(), 20);
+    assert!(
+        calls.contains(&20),
+        "every call of one key on one endpoint: {calls:?}"
+    );
+    // Other keys spread over the endpoints.
+    for i in 0..30 {
+        send(&stack, keyed(&format!("order-{}", i + 100)))
+            .await
+            .unwrap();
+    }
+    let spread: Vec<usize> = upstreams
+        .iter()
+        .zip(&calls)
+        .map(|(u, before)| u.calls() - before)
+        .collect();
+    assert!(
+        spread.iter().filter(|n| **n > 0).count() >= 2,
+        "keys spread: {spread:?}"
+    );
+    // The key's endpoint fails twice and is ejected: the key's requests go elsewhere and succeed.
+    let home = calls.iter().position(|n| *n == 20).unwrap();
+    sick.store(home, Ordering::SeqCst);
+    for _ in 0..2 {
+        let resp = send(&stack, keyed("order-1")).await.unwrap();
+        assert_eq!(resp.status(), 503);
+    }
+    let at_home = upstreams[home].calls();
+    for _ in 0..5 {
+        let resp = send(&stack, keyed("order-1")).await.unwrap();
+        assert_eq!(resp.status(), 200, "served by another endpoint");
+    }
+    assert_eq!(
+        upstreams[home].calls(),
+        at_home,
+        "the ejected endpoint is skipped"
     );
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
-use meshlet::policy::idempotency::{DedupStore, MemoryStore, RedisStore};
+use meshlet::policy::idempotency::{DedupStore, MemoryStore, RedisLimits, RedisStore};
 use meshlet::policy::{
     send, Body, DestinationPolicy, PolicyMetrics, PolicyService, ATTEMPTS_HEADER, ERROR_HEADER,
 };
@@ -422,4 +422,139 @@ async fn a_killed_replica_never_lets_the_effect_happen_twice() {
     assert_eq!(header(&resp, ERROR_HEADER), "idempotency-conflict");
     assert_eq!(app.effects(), 1, "never charged twice");
     drop(a);
+}
+
+#[tokio::test]
+async fn first_requests_beyond_the_bound_are_refused_with_503_and_their_key_released() {
+    let metrics = PolicyMetrics::unregistered();
+    let app = Arc::new(App::default());
+    app.hold.store(true, Ordering::SeqCst);
+    let yaml = "services:\n  svc:\n    idempotency: { enforce: true, max_in_flight: 1 }\n";
+    let (sidecar, _) = inbound(yaml, &app, memory_store(&metrics, 100), &metrics).await;
+    let client = PolicyService::new(TestClient::http1());
+    let first = tokio::spawn(send(&client, keyed(sidecar.addr, "k1", "a", 10_000)));
+    eventually("the first to commit", || app.effects() == 1).await;
+    let refused = send(&client, keyed(sidecar.addr, "k2", "b", 10_000))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(header(&refused, ERROR_HEADER), "overloaded");
+    assert_eq!(
+        app.effects(),
+        1,
+        "the refused request never reached the app"
+    );
+    // A duplicate of the running key is not a new first request: it waits for it as usual.
+    let duplicate = tokio::spawn(send(&client, keyed(sidecar.addr, "k1", "a", 10_000)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.release();
+    assert_eq!(first.await.unwrap().unwrap().status(), 201);
+    let duplicate = duplicate.await.unwrap().unwrap();
+    assert_eq!(header(&duplicate, "idempotent-replayed"), "true");
+    // The refused key was released, so its retry is processed now that there is room.
+    let retried = send(&client, keyed(sidecar.addr, "k2", "b", 10_000))
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 201);
+    assert_eq!(header(&retried, "idempotent-replayed"), "");
+    assert_eq!(app.effects(), 2);
+    assert_eq!(
+        metrics
+            .dedup
+            .with_label_values(&["svc", "overloaded"])
+            .get(),
+        1
+    );
+}
+
+/// An app answering every call with a body of `len` bytes, counting its calls.
+fn sized_app(calls: Arc<AtomicUsize>, len: usize) -> PolicyService<Infallible> {
+    PolicyService::new(tower::service_fn(move |_req: Request<Body>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, Infallible>(reply(201, &"x".repeat(len))) }
+    }))
+}
+
+#[tokio::test]
+async fn redis_store_bounds_value_size_and_ttl() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let metrics = PolicyMetrics::unregistered();
+    let limits = RedisLimits {
+        max_value_bytes: 4096,
+        max_ttl: Duration::from_millis(600),
+    };
+    let store = |limits| {
+        let url = redis.url.clone();
+        async move {
+            Arc::new(RedisStore::connect(&url).await.unwrap().with_limits(limits))
+                as Arc<dyn DedupStore>
+        }
+    };
+    // The policy asks for an hour; the store writes at most 600 ms.
+    let yaml = "services:\n  svc:\n    idempotency: { enforce: true, ttl: 1h }\n";
+    let (small_calls, big_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let small = DestinationPolicy::new("svc", policy(yaml), &[], &metrics)
+        .inbound(sized_app(small_calls.clone(), 100), store(limits).await);
+    let big = DestinationPolicy::new("svc", policy(yaml), &[], &metrics)
+        .inbound(sized_app(big_calls.clone(), 10_000), store(limits).await);
+    let (small, big) = (Sidecar::start(small).await, Sidecar::start(big).await);
+    let client = PolicyService::new(TestClient::http1());
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("KEYS")
+                .arg("meshlet:idem:*")
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Over max_value_bytes: answered, not stored, the key released (a duplicate runs again).
+    for _ in 0..2 {
+        let resp = send(&client, keyed(big.addr, "big", "x", 5000))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        assert_eq!(body_string(resp).await.len(), 10_000);
+    }
+    assert_eq!(big_calls.load(Ordering::SeqCst), 2);
+    assert!(keys(&mut conn).await.is_empty(), "nothing left in Redis");
+    assert_eq!(
+        metrics.dedup.with_label_values(&["svc", "too-large"]).get(),
+        2
+    );
+
+    // Within the bound: stored, with a TTL cut to max_ttl, replayed until it expires.
+    let first = send(&client, keyed(small.addr, "small", "x", 5000))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+    let stored = keys(&mut conn).await;
+    assert_eq!(stored.len(), 1);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&stored[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 600, "TTL {pttl} ms");
+    let replay = send(&client, keyed(small.addr, "small", "x", 5000))
+        .await
+        .unwrap();
+    assert_eq!(header(&replay, "idempotent-replayed"), "true");
+    assert_eq!(small_calls.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(keys(&mut conn).await.is_empty(), "expired in Redis");
+    let again = send(&client, keyed(small.addr, "small", "x", 5000))
+        .await
+        .unwrap();
+    assert_eq!(header(&again, "idempotent-replayed"), "");
+    assert_eq!(small_calls.load(Ordering::SeqCst), 2);
 }

@@ -498,3 +498,64 @@ async fn a_policy_edit_applies_to_the_next_request() {
         "same stack, new policy"
     );
 }
+
+#[tokio::test]
+async fn grpc_unavailable_after_the_first_message_is_not_retried() {
+    // A server-streaming call: headers, one message, a pause, then trailers with UNAVAILABLE. The caller has
+    // the first message by then, so the stream is final: the status reaches it in the trailers, unretried.
+    let upstream = Upstream::start(handler(|_| async {
+        let frames = futures_util::stream::unfold(0, |step| async move {
+            match step {
+                0 => Some((
+                    Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"\0\0\0\0\x02m1"))),
+                    1,
+                )),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", HeaderValue::from_static("14"));
+                    trailers.insert("grpc-message", HeaderValue::from_static("going away"));
+                    Some((Ok(Frame::trailers(trailers)), 2))
+                }
+                _ => None,
+            }
+        });
+        let mut resp = Response::new(StreamBody::new(frames).boxed());
+        resp.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        Ok(resp)
+    }))
+    .await;
+    let metrics = PolicyMetrics::unregistered();
+    let yaml = format!("services:\n  svc:\n    retries: {{ {FAST_BACKOFF} }}\n");
+    let dp = destination(&yaml, &upstream, &metrics);
+    let mut req: Request<Body> = request("POST", upstream.addr, "/pkg.Svc/Watch", "\0\0\0\0\0");
+    req.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
+    req.headers_mut()
+        .insert("te", HeaderValue::from_static("trailers"));
+    req.headers_mut()
+        .insert("idempotency-key", HeaderValue::from_static("\"watch-1\""));
+    let resp = dp.outbound(TestClient::h2c()).oneshot(req).await.unwrap();
+    assert_eq!(header(&resp, ATTEMPTS_HEADER), "1");
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(
+        trailers["grpc-status"], "14",
+        "the status reaches the caller"
+    );
+    assert_eq!(trailers["grpc-message"], "going away");
+    assert_eq!(collected.to_bytes(), Bytes::from_static(b"\0\0\0\0\x02m1"));
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "never sent again after the first message"
+    );
+    assert_eq!(
+        metrics
+            .retries
+            .with_label_values(&["svc", "grpc-unavailable"])
+            .get(),
+        0
+    );
+}

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Single-hop HTTP/1.1 keep-alive load benchmark: direct vs meshlet vs Envoy vs HAProxy vs nginx.
+"""Single-hop HTTP/1.1 keep-alive load benchmark: direct vs meshlet vs Envoy vs HAProxy vs nginx (`--mode plain`),
+or meshlet with its resilience policies on vs off (`--mode policies`).
 
 Follows shared/BENCHMARKING.md: every system is measured in one invocation, alternated round by round
 (A B C D E A B C D E ...); the load generator runs on CPU 0, origin and proxy on CPU 1; one worker per
@@ -198,11 +199,12 @@ class Bench:
 # policies on vs off) add their own start functions and register them in MODES below.
 
 class Running:
-    def __init__(self, url_host, url_port, proc=None, after_load=None):
+    def __init__(self, url_host, url_port, proc=None, after_load=None, post=False):
         self.host = url_host
         self.port = url_port
         self.proc = proc
         self.after_load = after_load  # callable(requests_sent) -> None, raises BenchError
+        self.post = post  # load with POST requests carrying POST_BODY instead of GETs
 
     @property
     def url(self):
@@ -213,11 +215,12 @@ def start_direct(bench):
     return Running(ORIGIN_ADDR, ORIGIN_PORT)
 
 
-def start_meshlet(bench):
+def start_meshlet(bench, mesh_config=None, post=False):
     binary = os.path.join(bench.dir, "meshlet")
     if not os.path.exists(binary):
         shutil.copy2(bench.args.meshlet, binary)
         os.chmod(binary, 0o755)
+    extra = ["--mesh-config", mesh_config] if mesh_config else []
     proc = bench.spawn("meshlet", [
         binary, "proxy", "--workers", "1",
         "--outbound-addr", f"127.0.0.1:{MESHLET_OUTBOUND_PORT}",
@@ -225,8 +228,14 @@ def start_meshlet(bench):
         "--admin-addr", f"127.0.0.1:{MESHLET_ADMIN_PORT}",
         "--drain-delay", "0", "--drain-timeout", "1",
         "--log", "warn",
-    ], SUT_CPU, uid=PROXY_UID)
+    ] + extra, SUT_CPU, uid=PROXY_UID)
     wait_ready(proc, "127.0.0.1", MESHLET_ADMIN_PORT, "/ready")
+    if mesh_config:
+        # The policy stack must really be on the path: its retry layer stamps every response.
+        headers = http_get_headers(ORIGIN_ADDR, APP_PORT, "/")
+        if "x-meshlet-attempts" not in headers:
+            raise BenchError(f"meshlet with {mesh_config}: no x-meshlet-attempts on the response, so the "
+                             f"policies are not applied (headers: {sorted(headers)})")
 
     def after_load(sent):
         # The traffic must really have gone through meshlet (the redirect worked), not straight to the origin.
@@ -237,7 +246,44 @@ def start_meshlet(bench):
                              "traffic bypassed the proxy")
 
     # The load generator connects to the origin's app port; iptables sends it to meshlet.
-    return Running(ORIGIN_ADDR, APP_PORT, proc, after_load)
+    return Running(ORIGIN_ADDR, APP_PORT, proc, after_load, post=post)
+
+
+# Issue 4: the origin as a mesh service with every client-side policy. Two endpoints (the origin's two
+# ports), so the balancer chooses between two; no identity is configured for meshlet, so the hop stays
+# plaintext, as in `plain` mode.
+POLICY_MESH = """services:
+  - name: origin
+    identity: spiffe://bench.local/ns/bench/sa/origin
+    endpoints:
+      - {{address: '{origin}:{app_port}'}}
+      - {{address: '{origin}:{origin_port}'}}
+policy:
+  services:
+    origin:
+      timeouts: {{request: 5s, per_try: 2s, connect: 1s, idle: 60s}}
+      retries: {{max_attempts: 3, backoff: {{base: 10ms, max: 100ms}}, budget: {{ratio: 0.2, min_per_second: 10, window: 10s}}}}
+      breaker: {{consecutive_failures: 5, base_ejection: 5s, max_ejection: 60s, max_ejected_percent: 50}}
+      limits: {{max_concurrent: 1000, max_pending: 1000}}
+      idempotency: {{inject: {inject}}}
+"""
+POST_BODY = '{"cents":100}'
+
+
+def meshlet_with_policies(inject=False, post=False):
+    """A start function: meshlet with POLICY_MESH (key injection on or off), loaded with GETs or POSTs."""
+    def start(bench):
+        path = os.path.join(bench.dir, f"mesh-policies-{'inject' if inject else 'plain'}.yaml")
+        with open(path, "w") as f:
+            f.write(POLICY_MESH.format(origin=ORIGIN_ADDR, app_port=APP_PORT, origin_port=ORIGIN_PORT,
+                                       inject="true" if inject else "false"))
+        os.chmod(path, 0o644)  # meshlet runs as its own uid
+        return start_meshlet(bench, mesh_config=path, post=post)
+    return start
+
+
+def meshlet_post(bench):
+    return start_meshlet(bench, post=True)
 
 
 def start_envoy(bench):
@@ -297,8 +343,15 @@ MODES = {
     },
     # Issue 3: client -> proxy -> mTLS 1.3 -> proxy -> origin, for meshlet and Envoy/HAProxy/nginx pairs.
     "mtls": not_yet("meshlet's sidecar-to-sidecar mTLS (issue 3) and TLS configs for the peer pairs"),
-    # Issue 4: meshlet with every resilience policy enabled vs disabled.
-    "policies": not_yet("meshlet's resilience policies and their configuration file (issue 4)"),
+    # Issue 4: meshlet with every resilience policy enabled vs disabled, on the same sidecar path; the POST
+    # pair adds Idempotency-Key injection (a UUIDv7 per request) and buffering of the body for replay.
+    "policies": {
+        "direct": start_direct,
+        "meshlet": start_meshlet,
+        "meshlet-policies": meshlet_with_policies(),
+        "meshlet-post": meshlet_post,
+        "meshlet-policies-inject-post": meshlet_with_policies(inject=True, post=True),
+    },
 }
 
 
@@ -316,10 +369,11 @@ def measure(bench, name, start):
         check_body(running.host, running.port, name)
 
         # Saturation: unmeasured warm-up, then wrk with the proxy's CPU time read around it.
-        wrk(running.url, a.connections, a.warmup)
+        script = post_script(bench) if running.post else None
+        wrk(running.url, a.connections, a.warmup, script=script)
         measured = [p.pid for p in (running.proc, bench.origin) if p]
         before = [cpu_ticks(pid) for pid in measured] + [cpu_times(SUT_CPU)]
-        sat = wrk(running.url, a.connections, a.duration)
+        sat = wrk(running.url, a.connections, a.duration, script=script)
         after = [cpu_ticks(pid) for pid in measured] + [cpu_times(SUT_CPU)]
         res.update(rps=sat["rps"], requests=sat["requests"], wrk_errors=sat["errors"])
         res["sut_cpu_other_pct"] = other_share(before, after)
@@ -329,8 +383,8 @@ def measure(bench, name, start):
             running.after_load(sat["requests"])
 
         # Latency at a fixed rate, after an unmeasured warm-up at the same rate.
-        oha(running.url, a.rate, a.rate_connections, a.warmup)
-        lat = oha(running.url, a.rate, a.rate_connections, a.rate_duration)
+        oha(running.url, a.rate, a.rate_connections, a.warmup, post=running.post)
+        lat = oha(running.url, a.rate, a.rate_connections, a.rate_duration, post=running.post)
         res.update(p50_us=lat["p50_us"], p99_us=lat["p99_us"], oha_rps=lat["rps"], oha_errors=lat["errors"])
 
         if running.proc:
@@ -448,9 +502,20 @@ def count_syscalls(running, a):
     return "\n".join(lines) + f"\n  ({sat['requests']} requests)"
 
 
-def wrk(url, connections, duration):
-    out = run(PRIORITY + ["taskset", "-c", LOADGEN_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", url],
-              capture=True)
+def post_script(bench):
+    """A wrk script sending POST_BODY as a JSON POST (written once into the bench's temp dir)."""
+    path = os.path.join(bench.dir, "post.lua")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(f'wrk.method = "POST"\nwrk.body = \'{POST_BODY}\'\n'
+                    'wrk.headers["Content-Type"] = "application/json"\n')
+    return path
+
+
+def wrk(url, connections, duration, script=None):
+    extra = ["-s", script] if script else []
+    out = run(PRIORITY + ["taskset", "-c", LOADGEN_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s"]
+              + extra + [url], capture=True)
     m = re.search(r"(\d+) requests in", out)
     rps = re.search(r"Requests/sec:\s*([\d.]+)", out)
     if not m or not rps:
@@ -466,9 +531,10 @@ def wrk(url, connections, duration):
     return {"requests": int(m.group(1)), "rps": float(rps.group(1)), "errors": errors}
 
 
-def oha(url, rate, connections, duration):
+def oha(url, rate, connections, duration, post=False):
+    extra = ["-m", "POST", "-d", POST_BODY, "-T", "application/json"] if post else []
     out = run(PRIORITY + ["taskset", "-c", LOADGEN_CPU, OHA, "--no-tui", "--output-format", "json", "--latency-correction",
-               "-q", str(rate), "-c", str(connections), "-z", f"{duration}s", url], capture=True)
+               "-q", str(rate), "-c", str(connections), "-z", f"{duration}s"] + extra + [url], capture=True)
     try:
         data = json.loads(out)
         pct = data["latencyPercentiles"]
@@ -574,6 +640,18 @@ def http_get(host, port, path):
         conn.request("GET", path)
         resp = conn.getresponse()
         return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def http_get_headers(host, port, path):
+    """The response headers of a GET, lower-cased names."""
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return {k.lower(): v for k, v in resp.getheaders()}
     finally:
         conn.close()
 
@@ -684,6 +762,26 @@ def verdict(results):
         med = statistics.median(vals)
         ok = med <= limit if op == "≤" else med < limit
         lines.append(f"- meshlet {label}: {fmt(vals, digits)} — target {op} {limit}: {'meets' if ok else 'MISSES'}")
+    return "\n".join(lines)
+
+
+def policies_verdict(results):
+    """Issue 4: what the policies cost, paired within each round against meshlet without them."""
+    rounds = sorted({r["round"] for r in results})
+    get = {(r["round"], r["system"]): r for r in results}
+    lines = []
+    for on, off in (("meshlet-policies", "meshlet"), ("meshlet-policies-inject-post", "meshlet-post")):
+        if not any((n, on) in get and (n, off) in get for n in rounds):
+            continue
+        pairs = [(get[(n, on)], get[(n, off)]) for n in rounds if (n, on) in get and (n, off) in get]
+        loss = [100.0 * (1 - p["rps"] / q["rps"]) for p, q in pairs]
+        cpu = [p["cpu_us_per_req"] - q["cpu_us_per_req"] for p, q in pairs]
+        cpu_pct = [100.0 * (p["cpu_us_per_req"] / q["cpu_us_per_req"] - 1) for p, q in pairs]
+        p50 = [p["p50_us"] - q["p50_us"] for p, q in pairs]
+        med = statistics.median(loss)
+        lines.append(f"- {on} vs {off}: throughput cost {fmt(loss, 1)} % — target < 5 %: "
+                     f"{'meets' if med < 5 else 'MISSES'}; CPU +{fmt(cpu, 1)} µs/request ({fmt(cpu_pct, 1)} %); "
+                     f"p50 at the fixed rate +{fmt(p50)} µs")
     return "\n".join(lines)
 
 
@@ -824,9 +922,12 @@ def main():
     worst = others[-1]
     print(f"\nCPU {SUT_CPU} time taken by anything but origin, proxy and softirq during the saturation phases: "
           f"median {statistics.median(o[0] for o in others):.1f}%, max {worst[0]:.1f}% ({worst[1]}, round {worst[2]})")
-    v = verdict(results)
-    if v:
-        print("\nIssue 2 targets (per-round ratios, median (min–max)):\n" + v)
+    if args.mode == "policies":
+        print("\nIssue 4 target (per-round ratios, median (min–max)):\n" + policies_verdict(results))
+    else:
+        v = verdict(results)
+        if v:
+            print("\nIssue 2 targets (per-round ratios, median (min–max)):\n" + v)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"versions": versions, "args": vars(args), "results": results}, f, indent=1)

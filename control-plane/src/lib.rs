@@ -14,6 +14,7 @@ pub mod mesh_watch;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -142,6 +143,7 @@ async fn start_inner(
     let admin_addr = local_addr("--admin-addr", &admin_listener, config.admin_addr)?;
 
     let metrics = Arc::new(Metrics::new()?);
+    let telemetry = telemetry::Telemetry::register(metrics.registry(), Default::default())?;
     let (authority, credentials) = load_identity_sources(&config, kube_client).await?;
     let authority = Arc::new(authority);
     let acceptor = api_tls(&config, &authority)?;
@@ -180,6 +182,7 @@ async fn start_inner(
             issuance,
             inject: Arc::new(inject),
             watch: Arc::new(mesh_watch),
+            telemetry: telemetry.clone(),
         }),
         stopped.clone(),
     ));
@@ -190,6 +193,7 @@ async fn start_inner(
         Arc::new(AdminRouter {
             ready: ready.clone(),
             metrics,
+            telemetry,
         }),
         stopped,
     ));

@@ -1,5 +1,5 @@
-//! The control plane's two listeners: the HTTPS API (issuance) and the plain HTTP admin endpoint
-//! (`/live`, `/ready`, `/metrics`).
+//! The control plane's two listeners: the HTTPS API (issuance, telemetry reports) and the plain HTTP admin
+//! endpoint (`/live`, `/ready`, `/metrics`, `/api/v1/stat`).
 //!
 //! Both share one accept loop: connections are bounded, TLS handshakes and request headers have deadlines,
 //! and on shutdown the listener closes first and open connections get a bounded time to finish.
@@ -180,6 +180,8 @@ pub struct ApiRouter {
     pub inject: Arc<meshlet::inject::InjectConfig>,
     /// The discovery watch streams (`GET /v1/mesh/watch`).
     pub watch: Arc<crate::mesh_watch::WatchService>,
+    /// Where sidecar telemetry reports go.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// Largest AdmissionReview accepted (a pod spec with many containers is well under this).
@@ -217,6 +219,9 @@ impl Router for ApiRouter {
         }
         if request.uri().path() == meshlet::discovery::protocol::WATCH_PATH {
             return self.watch.serve(&request);
+        }
+        if request.uri().path() == meshlet::telemetry::report::TELEMETRY_PATH {
+            return crate::telemetry::http::receive(&self.telemetry, request).await;
         }
         if request.uri().path() != ISSUE_PATH {
             return json_error(
@@ -276,6 +281,8 @@ pub struct AdminRouter {
     pub ready: Arc<AtomicBool>,
     /// What `/metrics` shows.
     pub metrics: Arc<Metrics>,
+    /// The mesh's golden signals (`GET /api/v1/stat`).
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl Router for AdminRouter {
@@ -287,6 +294,9 @@ impl Router for AdminRouter {
             "/live" => text(StatusCode::OK, "live\n"),
             "/ready" if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
             "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            meshlet::telemetry::api::STAT_PATH => {
+                crate::telemetry::http::stat_response(&self.telemetry, &request)
+            }
             "/metrics" => match self.metrics.encode() {
                 Ok(body) => response(StatusCode::OK, "text/plain; version=0.0.4", body),
                 Err(error) => text(

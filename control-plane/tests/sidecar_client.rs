@@ -3,34 +3,10 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use meshlet::tls::client::{Credential, Secret};
-use meshlet::tls::{CertManager, ClientError, IdentitySettings, SpiffeId};
-use rustls::pki_types::ServerName;
-
-fn settings(
-    control: &meshlet_control::ControlPlane,
-    identity: &str,
-    join_token: &str,
-) -> IdentitySettings {
-    let mut anchors = rustls::RootCertStore::empty();
-    for cert in common::certs(control.trust_bundle_pem()) {
-        anchors.add(cert).unwrap();
-    }
-    IdentitySettings {
-        control_plane_addr: control.api_addr().to_string(),
-        // The sidecar's default --control-plane-name, which the generated serving certificate carries.
-        control_plane_name: ServerName::try_from("meshlet-control.meshlet.svc").unwrap(),
-        trust_anchors: Arc::new(anchors),
-        identity: identity.parse::<SpiffeId>().unwrap(),
-        credential: Credential::JoinToken(join_token.parse::<Secret>().unwrap()),
-        retry_initial: Duration::from_millis(50),
-        retry_max: Duration::from_millis(200),
-        request_timeout: Duration::from_secs(10),
-    }
-}
+use common::sidecar_settings as settings;
+use meshlet::tls::{CertManager, ClientError};
 
 #[tokio::test]
 async fn the_sidecar_client_obtains_and_accepts_a_certificate() {

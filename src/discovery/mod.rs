@@ -4,19 +4,22 @@
 //! The same [`MeshConfig`] schema is read from a local YAML file (`--mesh-config`) and, in a cluster, built
 //! by the control plane from Kubernetes objects. Destinations not listed are passed through plain.
 
+mod table;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::idempotency::{DedupStore, MemoryStore};
-use crate::policy::{DestinationPolicy, PolicyFile, PolicyMetrics};
+use crate::policy::PolicyFile;
 use crate::tls::{AllowList, SpiffeId};
 
 pub mod protocol;
 pub mod watch;
+
+pub use table::{InboundPolicy, Mesh, MeshTable, MeshedEndpoint, ServicePolicies, VirtualPort};
 
 /// The mesh as configured: every known service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -165,6 +168,26 @@ pub enum DiscoveryError {
     /// A policy value cannot be applied; every problem is named with its field path and value.
     #[error("invalid mesh config: {0}")]
     Policy(#[from] crate::policy::config::PolicyErrors),
+    /// Two services claim the same virtual address and port.
+    #[error(
+        "invalid mesh config: virtual address {address} is listed by both {first} and {second}"
+    )]
+    DuplicateVirtual {
+        /// The address and port.
+        address: SocketAddr,
+        /// The first service listing it.
+        first: String,
+        /// The second service listing it.
+        second: String,
+    },
+    /// A service has virtual addresses but no ports to reach them on.
+    #[error("invalid mesh config: services[{service}].addresses is {addresses:?} but services[{service}].ports is empty")]
+    AddressesWithoutPorts {
+        /// The service.
+        service: String,
+        /// Its addresses.
+        addresses: Vec<IpAddr>,
+    },
     /// Two services claim the same endpoint address.
     #[error("invalid mesh config: endpoint {address} is listed by both {first} and {second}")]
     DuplicateEndpoint {
@@ -206,7 +229,26 @@ impl MeshConfig {
     fn check(&self) -> Result<(), DiscoveryError> {
         self.policy.validate()?;
         let mut owners: HashMap<SocketAddr, &str> = HashMap::new();
+        let mut virtuals: HashMap<SocketAddr, &str> = HashMap::new();
         for service in &self.services {
+            if !service.addresses.is_empty() && service.ports.is_empty() {
+                return Err(DiscoveryError::AddressesWithoutPorts {
+                    service: service.name.clone(),
+                    addresses: service.addresses.clone(),
+                });
+            }
+            for ip in &service.addresses {
+                for port in &service.ports {
+                    let address = SocketAddr::new(*ip, port.port);
+                    if let Some(first) = virtuals.insert(address, &service.name) {
+                        return Err(DiscoveryError::DuplicateVirtual {
+                            address,
+                            first: first.to_string(),
+                            second: service.name.clone(),
+                        });
+                    }
+                }
+            }
             for endpoint in &service.endpoints {
                 if let Some(first) = owners.insert(endpoint.address, &service.name) {
                     return Err(DiscoveryError::DuplicateEndpoint {
@@ -218,180 +260,6 @@ impl MeshConfig {
             }
         }
         Ok(())
-    }
-}
-
-/// A meshed destination as the outbound side needs it.
-#[derive(Debug, Clone)]
-pub struct MeshedEndpoint {
-    /// The service it belongs to.
-    pub service: Arc<str>,
-    /// The identity it must prove.
-    pub identity: SpiffeId,
-    /// Where to open the mTLS connection.
-    pub dial: SocketAddr,
-}
-
-/// The inbound rules of the service an application address belongs to.
-#[derive(Debug, Clone, Default)]
-pub struct InboundPolicy {
-    /// The service, when the address is known.
-    pub service: Option<Arc<str>>,
-    /// Plaintext accepted or not.
-    pub mode: InboundMode,
-    /// Who may call.
-    pub allow: Option<AllowList>,
-}
-
-impl InboundPolicy {
-    /// Whether a caller with this identity (`None`: plaintext) may call.
-    pub fn admits(&self, peer: Option<&SpiffeId>) -> bool {
-        match (&self.allow, peer) {
-            (None, Some(_)) => true,
-            (None, None) => self.mode == InboundMode::Permissive,
-            (Some(allow), Some(id)) => allow.allows(id),
-            (Some(_), None) => false,
-        }
-    }
-}
-
-/// The resilience state of one service with a policy: its stacks' shared state and its de-dup store.
-#[derive(Clone)]
-pub struct ServicePolicies {
-    /// Limits, retry budget, breakers and balancer of the service's callers.
-    pub destination: DestinationPolicy,
-    /// Where the service's own sidecar remembers idempotency keys.
-    pub dedup: Arc<dyn DedupStore>,
-}
-
-impl std::fmt::Debug for ServicePolicies {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServicePolicies")
-            .field("destination", &self.destination)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Lookup tables built from a [`MeshConfig`].
-#[derive(Debug, Default)]
-pub struct MeshTable {
-    outbound: HashMap<SocketAddr, MeshedEndpoint>,
-    inbound: HashMap<SocketAddr, Arc<InboundPolicy>>,
-    default_inbound: Arc<InboundPolicy>,
-    policies: HashMap<SocketAddr, Arc<ServicePolicies>>,
-}
-
-impl MeshTable {
-    /// Indexes a configuration by endpoint address; `metrics` and `shared_store` are given to policies.
-    pub fn new(
-        config: &MeshConfig,
-        metrics: &PolicyMetrics,
-        shared_store: Option<&Arc<dyn DedupStore>>,
-    ) -> Self {
-        let mut table = MeshTable::default();
-        for service in &config.services {
-            if config.policy.services.contains_key(&service.name) {
-                let resolved = config.policy.resolve(&service.name);
-                let addrs: Vec<SocketAddr> = service.endpoints.iter().map(|e| e.address).collect();
-                let idem = resolved.default.idempotency.clone();
-                let dedup: Arc<dyn DedupStore> = match shared_store {
-                    Some(store) => store.clone(),
-                    None => Arc::new(MemoryStore::new(
-                        &service.name,
-                        idem.max_entries,
-                        idem.max_bytes,
-                        metrics.clone(),
-                    )),
-                };
-                let policies = Arc::new(ServicePolicies {
-                    destination: DestinationPolicy::new(&service.name, resolved, &addrs, metrics),
-                    dedup,
-                });
-                for addr in addrs {
-                    table.policies.insert(addr, policies.clone());
-                }
-            }
-            let name: Arc<str> = service.name.as_str().into();
-            let policy = Arc::new(InboundPolicy {
-                service: Some(name.clone()),
-                mode: service.inbound.mode,
-                allow: service.inbound.allow.clone(),
-            });
-            for endpoint in &service.endpoints {
-                table.outbound.insert(
-                    endpoint.address,
-                    MeshedEndpoint {
-                        service: name.clone(),
-                        identity: service.identity.clone(),
-                        dial: endpoint.sidecar.unwrap_or(endpoint.address),
-                    },
-                );
-                table.inbound.insert(endpoint.address, policy.clone());
-            }
-        }
-        table
-    }
-
-    /// The meshed endpoint at `dst`, or `None` for a destination to pass through plain.
-    pub fn outbound(&self, dst: SocketAddr) -> Option<&MeshedEndpoint> {
-        self.outbound.get(&dst)
-    }
-
-    /// The resilience policies of the service `addr` belongs to, if it has any.
-    pub fn policies(&self, addr: SocketAddr) -> Option<&Arc<ServicePolicies>> {
-        self.policies.get(&addr)
-    }
-
-    /// The inbound rules for the application address `app`.
-    pub fn inbound(&self, app: SocketAddr) -> Arc<InboundPolicy> {
-        self.inbound
-            .get(&app)
-            .cloned()
-            .unwrap_or_else(|| self.default_inbound.clone())
-    }
-}
-
-/// The current mesh table, replaced as a whole when the configuration changes.
-pub struct Mesh {
-    current: RwLock<Arc<MeshTable>>,
-    metrics: PolicyMetrics,
-    shared_store: Option<Arc<dyn DedupStore>>,
-}
-
-impl Mesh {
-    /// A mesh with this configuration; `shared_store` (Redis) replaces per-service in-memory de-dup stores.
-    pub fn new(
-        config: &MeshConfig,
-        metrics: PolicyMetrics,
-        shared_store: Option<Arc<dyn DedupStore>>,
-    ) -> Self {
-        let table = MeshTable::new(config, &metrics, shared_store.as_ref());
-        Mesh {
-            current: RwLock::new(Arc::new(table)),
-            metrics,
-            shared_store,
-        }
-    }
-
-    /// The table in force now.
-    pub fn table(&self) -> Arc<MeshTable> {
-        match self.current.read() {
-            Ok(table) => table.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// Puts a new configuration in force for the next lookups.
-    pub fn replace(&self, config: &MeshConfig) {
-        let table = Arc::new(MeshTable::new(
-            config,
-            &self.metrics,
-            self.shared_store.as_ref(),
-        ));
-        match self.current.write() {
-            Ok(mut current) => *current = table,
-            Err(poisoned) => *poisoned.into_inner() = table,
-        }
     }
 }
 
@@ -425,6 +293,7 @@ pub fn watch_file(path: std::path::PathBuf, mesh: Arc<Mesh>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::PolicyMetrics;
 
     const YAML: &str = r#"
 services:

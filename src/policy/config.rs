@@ -182,6 +182,9 @@ pub struct Idempotency {
     pub max_body_bytes: usize,
     /// Time the first request of a key may take at the app, even when its caller went away (default 60s).
     pub processing_timeout: Duration,
+    /// First requests processed at once per service, each in its own task (default 1000). Beyond it a new key
+    /// is answered 503 `overloaded` without reaching the app; a retry with the same key comes back later.
+    pub max_in_flight: usize,
 }
 
 /// Per-endpoint failure accrual.
@@ -250,6 +253,7 @@ impl Default for Policy {
                 max_bytes: 64 << 20,
                 max_body_bytes: 1 << 20,
                 processing_timeout: Duration::from_secs(60),
+                max_in_flight: 1000,
             },
             breaker: Breaker {
                 consecutive_failures: 5,
@@ -322,6 +326,7 @@ pub struct IdempotencyOverrides {
     pub max_bytes: Option<usize>,
     pub max_body_bytes: Option<usize>,
     pub processing_timeout: Option<Dur>,
+    pub max_in_flight: Option<usize>,
 }
 
 /// Breaker overrides.
@@ -579,6 +584,7 @@ impl Policy {
             &mut p.idempotency.processing_timeout,
             i.processing_timeout.map(|d| d.0),
         );
+        set(&mut p.idempotency.max_in_flight, i.max_in_flight);
         let b = &o.breaker;
         set(&mut p.breaker.consecutive_failures, b.consecutive_failures);
         set(&mut p.breaker.base_ejection, b.base_ejection.map(|d| d.0));

@@ -72,6 +72,9 @@ pub enum ProxyError {
         super::mesh::TARGET_PORT_HEADER
     )]
     MissingTarget,
+    /// A service's virtual address was dialed but no endpoint listens on its port.
+    #[error("service at {0} has no endpoints")]
+    NoEndpoints(SocketAddr),
     /// A plaintext connection addressed to the proxy's own inbound port: forwarding it would loop.
     #[error("connection addressed to the proxy itself")]
     Loop,
@@ -96,6 +99,7 @@ impl ProxyError {
             | ProxyError::TlsHandshake(..)
             | ProxyError::TlsConfig(_)
             | ProxyError::Loop => StatusCode::BAD_GATEWAY,
+            ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout(..) | ProxyError::ResponseTimeout(..) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -121,6 +125,7 @@ impl ProxyError {
             ProxyError::TlsConfig(_) => "tls-config",
             ProxyError::Unauthorized(_) => "unauthorized",
             ProxyError::MissingTarget => "missing-target",
+            ProxyError::NoEndpoints(_) => "no-endpoints",
             ProxyError::Loop => "loop",
         }
     }

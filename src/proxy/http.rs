@@ -20,9 +20,9 @@ use super::error::ProxyError;
 use super::mesh::{ORIG_PROTO_HEADER, PEER_ID_HEADER, TARGET_PORT_HEADER};
 use super::pool::{self, Version};
 use super::transport::{Carried, TransportHeader};
-use super::upstream::{AppClient, UpstreamClient};
+use super::upstream::{AppClient, ClientFromRequest, UpstreamClient};
 use super::{tcp, Body, Inputs};
-use crate::discovery::{MeshedEndpoint, ServicePolicies};
+use crate::discovery::{MeshedEndpoint, ServicePolicies, VirtualPort};
 use crate::metrics::{method_label, Direction};
 use crate::policy::Caller;
 use crate::tls::SpiffeId;
@@ -174,6 +174,9 @@ async fn forward(
     if outcome.destination.is_none() {
         outcome.destination = Some(Arc::from(dst.to_string()));
     }
+    if let Some(service) = ctx.inputs.mesh.table().virtual_port(dst).cloned() {
+        return to_virtual(ctx, dst, &service, req, outcome).await;
+    }
     let meshed = ctx.inputs.meshed(dst);
     if let Some(endpoint) = &meshed {
         outcome.tls = true;
@@ -190,6 +193,40 @@ async fn forward(
         to_peer_sidecar(ctx, dst, req).await
     } else {
         plain(ctx, dst, ctx.version, req).await
+    }
+}
+
+/// A request to a service's virtual address: balanced per request over the endpoints behind the port
+/// (each reached over mTLS proving its own identity when it has a sidecar, plain otherwise); `CONNECT` and
+/// WebSocket upgrades take one endpoint for the whole connection.
+async fn to_virtual(
+    ctx: &ConnContext,
+    dst: SocketAddr,
+    service: &VirtualPort,
+    req: Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Result<Response<Body>, ProxyError> {
+    if service.meshed && ctx.inputs.mesh_client.is_some() {
+        outcome.tls = true;
+        outcome.peer = Some(service.identity.clone());
+    }
+    let tunnel = req.method() == Method::CONNECT;
+    let own_connection =
+        tunnel || (ctx.version == Version::Http1 && is_websocket_upgrade(req.headers()));
+    if !own_connection {
+        return with_policies(ctx, dst, &service.policies, req).await;
+    }
+    let endpoint = service
+        .policies
+        .destination
+        .endpoints
+        .pick()
+        .ok_or(ProxyError::NoEndpoints(dst))?;
+    let via = ctx.inputs.meshed(endpoint);
+    if tunnel {
+        connect_tunnel(ctx, endpoint, via.as_ref(), req).await
+    } else {
+        websocket(ctx, endpoint, via.as_ref(), req).await
     }
 }
 
@@ -264,13 +301,15 @@ async fn with_policies(
     policies: &ServicePolicies,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
-    let req = endpoint_form(req, dst)?;
-    let client = UpstreamClient {
+    let mut req = endpoint_form(req, dst)?;
+    req.extensions_mut().insert(UpstreamClient {
         inputs: ctx.inputs.clone(),
         app_version: ctx.version,
-    };
-    let stack = policies.destination.outbound(client);
-    let rsp = crate::policy::send(&stack, req).await?;
+    });
+    let rsp = policies
+        .destination
+        .send_outbound::<ClientFromRequest<UpstreamClient>, _>(req)
+        .await?;
     Ok(downstream(ctx, rsp))
 }
 
@@ -290,14 +329,16 @@ async fn deduplicated(
         .as_ref()
         .map_or_else(|| "plaintext".to_string(), |p| p.to_string());
     parts.extensions.insert(Caller(caller));
-    let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
-    let app = AppClient {
+    parts.extensions.insert(AppClient {
         inputs: ctx.inputs.clone(),
         dst,
         version,
-    };
-    let stack = policies.destination.inbound(app, policies.dedup.clone());
-    let rsp = crate::policy::send(&stack, req).await?;
+    });
+    let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+    let rsp = policies
+        .destination
+        .send_inbound::<ClientFromRequest<AppClient>, _>(&policies.dedup, req)
+        .await?;
     Ok(downstream(ctx, rsp))
 }
 

@@ -29,7 +29,7 @@ use self::mesh::MeshClient;
 use self::pool::{Pool, Version};
 use crate::config::ProxyArgs;
 use crate::detect::{self, PrefixedIo, Protocol};
-use crate::discovery::{InboundMode, Mesh, MeshedEndpoint};
+use crate::discovery::{InboundMode, Mesh, MeshedEndpoint, PortProtocol};
 use crate::drain;
 use crate::metrics::{Direction, Metrics};
 
@@ -62,6 +62,13 @@ impl Inputs {
     pub fn meshed(&self, dst: std::net::SocketAddr) -> Option<MeshedEndpoint> {
         self.mesh_client.as_ref()?;
         self.mesh.table().outbound(dst).cloned()
+    }
+
+    /// Whether connections to `dst` skip detection: its port is in `--opaque-ports`, or it is a service
+    /// port (virtual address or endpoint) marked `protocol: opaque`.
+    pub fn is_opaque(&self, dst: std::net::SocketAddr) -> bool {
+        self.config.opaque_ports.contains(&dst.port())
+            || self.mesh.table().protocol(dst) == Some(PortProtocol::Opaque)
     }
 }
 
@@ -132,7 +139,7 @@ async fn serve_connection(
     // when the sidecar has an identity, since a peer sidecar's mTLS must still be recognised.
     let skip_detection = direction == Direction::Outbound || inputs.tls_server.is_none();
     if let (Target::Original(dst), true) = (target, skip_detection) {
-        if inputs.config.opaque_ports.contains(&dst.port()) {
+        if inputs.is_opaque(dst) {
             metrics
                 .protocols
                 .with_label_values(&[direction.as_str(), Protocol::Opaque.as_str()])
@@ -198,7 +205,7 @@ async fn serve_connection(
             metrics.proxy_error(direction, "plaintext-refused");
             return;
         }
-        if inputs.config.opaque_ports.contains(&dst.port()) {
+        if inputs.is_opaque(dst) {
             metrics
                 .protocols
                 .with_label_values(&[direction.as_str(), Protocol::Opaque.as_str()])

@@ -15,7 +15,7 @@ use tracing::debug;
 use super::error::ProxyError;
 use super::transport::{Carried, TransportHeader};
 use super::Inputs;
-use crate::discovery::MeshedEndpoint;
+use crate::discovery::{MeshedEndpoint, VirtualPort};
 use crate::metrics::Direction;
 use tokio_rustls::client::TlsStream;
 
@@ -31,11 +31,18 @@ pub async fn proxy(
     prefix: Bytes,
     client: TcpStream,
 ) {
-    let meshed = match direction {
-        Direction::Outbound => inputs.meshed(dst),
+    let service = match direction {
+        Direction::Outbound => inputs.mesh.table().virtual_port(dst).cloned(),
         Direction::Inbound => None,
     };
-    let mut upstream = match Upstream::connect(inputs, dst, meshed.as_ref()).await {
+    let connected = match (direction, service) {
+        (Direction::Outbound, Some(service)) => connect_virtual(inputs, dst, &service).await,
+        (Direction::Outbound, None) => {
+            Upstream::connect(inputs, dst, inputs.meshed(dst).as_ref()).await
+        }
+        (Direction::Inbound, _) => Upstream::connect(inputs, dst, None).await,
+    };
+    let mut upstream = match connected {
         Ok(upstream) => upstream,
         Err(e) => {
             debug!(%dst, error = %e, "opaque connect failed");
@@ -55,6 +62,33 @@ pub async fn proxy(
             .inc_by(prefix.len() as u64);
     }
     upstream.relay(inputs, direction, dst, client).await;
+}
+
+/// Endpoints tried for one connection to a virtual address before giving up: nothing was sent yet, so
+/// another endpoint is always safe.
+const VIRTUAL_CONNECT_ATTEMPTS: usize = 3;
+
+/// Connects to one endpoint behind the virtual address `dst`, chosen as the balancer would (breaker-ejected
+/// endpoints skipped), over mTLS when it has a sidecar.
+async fn connect_virtual(
+    inputs: &Inputs,
+    dst: SocketAddr,
+    service: &VirtualPort,
+) -> Result<Upstream, ProxyError> {
+    let mut last = ProxyError::NoEndpoints(dst);
+    for _ in 0..VIRTUAL_CONNECT_ATTEMPTS {
+        let Some(endpoint) = service.policies.destination.endpoints.pick() else {
+            break;
+        };
+        match Upstream::connect(inputs, endpoint, inputs.meshed(endpoint).as_ref()).await {
+            Ok(upstream) => return Ok(upstream),
+            Err(e) => {
+                debug!(%dst, %endpoint, error = %e, "endpoint of a virtual address failed");
+                last = e;
+            }
+        }
+    }
+    Err(last)
 }
 
 /// An upstream byte stream: plain TCP, or mTLS to a peer sidecar that was told the target port.

@@ -5,6 +5,7 @@
 //! through the plain pool, in the application's protocol.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,6 +21,9 @@ use super::pool::Version;
 use super::{Body, Inputs};
 use crate::policy::{Classify, FailureKind};
 
+/// The future of the data path's last hops.
+pub type HopFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
 /// Sends one request to the endpoint named in its URI.
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -32,7 +36,7 @@ pub struct UpstreamClient {
 impl tower::Service<Request<Body>> for UpstreamClient {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+    type Future = HopFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
@@ -114,7 +118,7 @@ pub struct AppClient {
 impl tower::Service<Request<Body>> for AppClient {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+    type Future = HopFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
@@ -130,6 +134,56 @@ impl tower::Service<Request<Body>> for AppClient {
                     .map_err(|_| ProxyError::ResponseTimeout(this.dst, timeout))??;
             Ok(rsp.map(|body| body.map_err(Into::into).boxed()))
         })
+    }
+}
+
+/// The last hop of a destination's kept policy stack (`DestinationPolicy::send_outbound`/`send_inbound`):
+/// sends through the client `C` the request carries as an extension.
+///
+/// The stack is built once per destination and shared by every connection, so it cannot own a connection's
+/// client; owning one would also tie the mesh table, which keeps the stack, back to the proxy's `Inputs` in a
+/// reference cycle. The data path inserts the connection's [`UpstreamClient`] or [`AppClient`] instead.
+pub struct ClientFromRequest<C>(PhantomData<fn() -> C>);
+
+impl<C> Default for ClientFromRequest<C> {
+    fn default() -> Self {
+        ClientFromRequest(PhantomData)
+    }
+}
+
+impl<C> Clone for ClientFromRequest<C> {
+    fn clone(&self) -> Self {
+        ClientFromRequest(PhantomData)
+    }
+}
+
+impl<C> tower::Service<Request<Body>> for ClientFromRequest<C>
+where
+    C: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = ProxyError,
+            Future = HopFuture,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = HopFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> HopFuture {
+        match req.extensions().get::<C>().cloned() {
+            Some(mut client) => client.call(req),
+            None => Box::pin(std::future::ready(Err(ProxyError::MalformedRequest(
+                "request without the client of its connection",
+            )))),
+        }
     }
 }
 

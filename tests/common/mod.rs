@@ -258,7 +258,16 @@ where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = http::Response<meshlet::proxy::Body>> + Send + 'static,
 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    origin_at("127.0.0.1:0".parse().unwrap(), handler).await
+}
+
+/// Like [`origin`], listening on `addr` (another loopback address, so two apps share a port number).
+pub async fn origin_at<F, Fut>(addr: SocketAddr, handler: F) -> SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<meshlet::proxy::Body>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {

@@ -324,3 +324,28 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// The settings of a sidecar with `identity` that asks `control` for its certificate with `join_token`.
+pub fn sidecar_settings(
+    control: &meshlet_control::ControlPlane,
+    identity: &str,
+    join_token: &str,
+) -> meshlet::tls::IdentitySettings {
+    let mut anchors = rustls::RootCertStore::empty();
+    for cert in certs(control.trust_bundle_pem()) {
+        anchors.add(cert).unwrap();
+    }
+    meshlet::tls::IdentitySettings {
+        control_plane_addr: control.api_addr().to_string(),
+        // The sidecar's default --control-plane-name, which the generated serving certificate carries.
+        control_plane_name: ServerName::try_from("meshlet-control.meshlet.svc").unwrap(),
+        trust_anchors: Arc::new(anchors),
+        identity: identity.parse::<meshlet::tls::SpiffeId>().unwrap(),
+        credential: meshlet::tls::client::Credential::JoinToken(
+            join_token.parse::<meshlet::tls::client::Secret>().unwrap(),
+        ),
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_millis(200),
+        request_timeout: Duration::from_secs(10),
+    }
+}

@@ -90,6 +90,7 @@ pub(super) fn validate_overrides(
         ("idempotency.max_entries", o.idempotency.max_entries),
         ("idempotency.max_bytes", o.idempotency.max_bytes),
         ("idempotency.max_body_bytes", o.idempotency.max_body_bytes),
+        ("idempotency.max_in_flight", o.idempotency.max_in_flight),
         ("limits.max_concurrent", o.limits.max_concurrent),
     ] {
         if value == Some(0) {

@@ -18,6 +18,7 @@
 //! the app applied it, so its key stays claimed until the TTL and duplicates get 409. A caller sees an error
 //! instead of a second charge.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,6 +31,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::Service;
 
+use super::error::StoreError;
 use super::store::{Claim, ClaimToken, DedupStore, Entry, Fingerprint, StoredResponse};
 use super::{parse_key, IDEMPOTENCY_KEY};
 use crate::policy::body::{buffer_up_to, Buffered};
@@ -46,6 +48,38 @@ pub struct Dedup<S> {
     pub(super) policy: SharedPolicy,
     pub(super) metrics: PolicyMetrics,
     pub(super) destination: Arc<str>,
+    pub(super) first_requests: FirstRequests,
+}
+
+/// The first requests of one service being processed in their own tasks, counted so that their number is
+/// bounded (`idempotency.max_in_flight`). Cloned, it counts the same requests.
+#[derive(Clone, Debug, Default)]
+pub struct FirstRequests(Arc<AtomicUsize>);
+
+impl FirstRequests {
+    /// First requests running now.
+    pub fn running(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// A place for one more first request, unless `max` are running.
+    fn try_start(&self, max: usize) -> Option<FirstRequestSlot> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| FirstRequestSlot(self.0.clone()))
+    }
+}
+
+/// Held by a running first request; gives its place back when dropped.
+struct FirstRequestSlot(Arc<AtomicUsize>);
+
+impl Drop for FirstRequestSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl<S> std::fmt::Debug for Dedup<S> {
@@ -145,10 +179,17 @@ where
                 };
                 let entry = match claim {
                     Claim::Won(token) => {
+                        let Some(slot) = this.first_requests.try_start(settings.max_in_flight)
+                        else {
+                            release(&*this.store, &key, &token).await;
+                            this.count("overloaded");
+                            return Ok(proxy_response(ProxyReason::Overloaded));
+                        };
                         let req = Request::from_parts(parts, body.body());
                         return this
                             .forward_first(
                                 req,
+                                slot,
                                 key,
                                 token,
                                 fp,
@@ -213,6 +254,7 @@ where
     async fn forward_first(
         self,
         req: Request<Body>,
+        slot: FirstRequestSlot,
         key: String,
         token: ClaimToken,
         fp: Fingerprint,
@@ -260,6 +302,8 @@ where
                             );
                             match store.complete(&key, &token, fp, stored, ttl).await {
                                 Ok(()) => count("stored"),
+                                // The store released the key itself.
+                                Err(StoreError::TooLarge { .. }) => count("too-large"),
                                 Err(e) => {
                                     tracing::warn!(error = %e, "could not store an idempotent response")
                                 }
@@ -279,6 +323,7 @@ where
                 }
             };
             let _ = tx.send(result);
+            drop(slot);
         });
         match rx.await {
             Ok(result) => result,

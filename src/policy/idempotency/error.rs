@@ -18,4 +18,14 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// A response too large for the store's bound on one entry; it was not stored and its key was released.
+    #[error("response for key {key} takes {bytes} bytes, more than the store's {max}")]
+    TooLarge {
+        /// The store key.
+        key: String,
+        /// Its encoded size.
+        bytes: usize,
+        /// The bound.
+        max: usize,
+    },
 }

@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use tower::Layer;
 
-use super::dedup::Dedup;
+use super::dedup::{Dedup, FirstRequests};
 use super::inject::InjectKey;
 use super::store::DedupStore;
 use crate::policy::{PolicyMetrics, SharedPolicy};
@@ -38,6 +38,7 @@ pub struct DedupLayer {
     policy: SharedPolicy,
     metrics: PolicyMetrics,
     destination: Arc<str>,
+    first_requests: FirstRequests,
 }
 
 impl std::fmt::Debug for DedupLayer {
@@ -49,18 +50,21 @@ impl std::fmt::Debug for DedupLayer {
 }
 
 impl DedupLayer {
-    /// A layer for `destination` (the metric label).
+    /// A layer for `destination` (the metric label); `first_requests` counts the destination's first requests
+    /// in flight, shared by every layer of the destination so that their bound holds for all of them.
     pub fn new(
         destination: &str,
         store: Arc<dyn DedupStore>,
         policy: SharedPolicy,
         metrics: PolicyMetrics,
+        first_requests: FirstRequests,
     ) -> Self {
         DedupLayer {
             store,
             policy,
             metrics,
             destination: Arc::from(destination),
+            first_requests,
         }
     }
 }
@@ -75,6 +79,7 @@ impl<S> Layer<S> for DedupLayer {
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),
             destination: self.destination.clone(),
+            first_requests: self.first_requests.clone(),
         }
     }
 }

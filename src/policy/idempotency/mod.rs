@@ -13,12 +13,12 @@ pub mod memory;
 pub mod redis;
 pub mod store;
 
-pub use dedup::Dedup;
+pub use dedup::{Dedup, FirstRequests};
 pub use error::StoreError;
 pub use inject::InjectKey;
 pub use layer::{DedupLayer, InjectKeyLayer};
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use redis::{RedisLimits, RedisStore};
 pub use store::{DedupStore, StoredResponse};
 
 /// The request header.

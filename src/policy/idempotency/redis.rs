@@ -2,9 +2,15 @@
 //! (even after the first replica died) is still de-duplicated.
 //!
 //! The claim is atomic: `SET key value NX PX ttl`. A value is the owner's token (32 hex digits), a JSON head
-//! (state, fingerprint, status, headers) and the raw body. Completing overwrites the value (`SET … XX PX
-//! ttl`); releasing deletes it only while it still starts with the owner's token (a small Lua script).
-//! Waiters poll every [`POLL_INTERVAL`]. Memory is bounded by the TTL and by Redis's own `maxmemory` policy.
+//! (state, fingerprint, status, headers) and the raw body. Completing overwrites the value and releasing
+//! deletes it, each only while it still starts with the owner's token (two small Lua scripts).
+//! Waiters poll every [`POLL_INTERVAL`].
+//!
+//! Bounds: Redis is shared, so the sidecar bounds what it writes itself ([`RedisLimits`]): no value larger
+//! than `max_value_bytes` (a larger response is not stored and its key is released, like a response over
+//! the policy's `max_body_bytes`), and no TTL longer than `max_ttl`, whatever the policy asks. The number of
+//! keys and their total size are bounded by the TTL and Redis's own `maxmemory` (give the instance one, with
+//! `volatile-ttl` or `volatile-lru`: every key this store writes has a TTL).
 
 use std::time::Duration;
 
@@ -31,6 +37,16 @@ if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then
 end
 return 0";
 
+/// Completes: overwrites the value (with a fresh TTL) only while it still starts with the owner's token, so
+/// that a late owner whose claim expired never overwrites the entry of whoever claimed the key next.
+const COMPLETE_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0";
+
 #[derive(Serialize, Deserialize)]
 struct Head {
     done: bool,
@@ -39,12 +55,33 @@ struct Head {
     response: Option<StoredResponse>,
 }
 
+/// What this store writes to Redis at most, per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedisLimits {
+    /// Largest value (owner token, head with the response's headers, body) written for one key.
+    pub max_value_bytes: usize,
+    /// Longest TTL given to a key.
+    pub max_ttl: Duration,
+}
+
+impl Default for RedisLimits {
+    /// 2 MiB (the policy's default `max_body_bytes` of 1 MiB plus room for headers) and 24 hours.
+    fn default() -> Self {
+        RedisLimits {
+            max_value_bytes: 2 << 20,
+            max_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
 /// De-duplication state in Redis.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: MultiplexedConnection,
     addr: String,
     release: std::sync::Arc<redis::Script>,
+    complete: std::sync::Arc<redis::Script>,
+    limits: RedisLimits,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -56,7 +93,7 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`).
+    /// Connects to `url` (`redis://host:port/db`), with the default [`RedisLimits`].
     pub async fn connect(url: &str) -> Result<RedisStore, StoreError> {
         let err = |source| StoreError::Redis {
             addr: url.to_string(),
@@ -71,7 +108,32 @@ impl RedisStore {
             conn,
             addr: url.to_string(),
             release: std::sync::Arc::new(redis::Script::new(RELEASE_SCRIPT)),
+            complete: std::sync::Arc::new(redis::Script::new(COMPLETE_SCRIPT)),
+            limits: RedisLimits::default(),
         })
+    }
+
+    /// The same store, writing within `limits`.
+    pub fn with_limits(mut self, limits: RedisLimits) -> RedisStore {
+        self.limits = limits;
+        self
+    }
+
+    /// The TTL written for a policy's `ttl`: at least a millisecond, at most `max_ttl`.
+    fn ttl_ms(&self, ttl: Duration) -> u64 {
+        let ms = ttl.min(self.limits.max_ttl).as_millis();
+        u64::try_from(ms).unwrap_or(u64::MAX).max(1)
+    }
+
+    async fn delete_if_owned(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+        let _: i64 = self
+            .release
+            .key(key)
+            .arg(&token.0)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     fn err(&self, source: redis::RedisError) -> StoreError {
@@ -163,10 +225,6 @@ fn unhex(text: &str) -> Option<Fingerprint> {
     Some(out)
 }
 
-fn ttl_ms(ttl: Duration) -> u64 {
-    (ttl.as_millis() as u64).max(1)
-}
-
 impl DedupStore for RedisStore {
     fn claim<'a>(
         &'a self,
@@ -184,7 +242,7 @@ impl DedupStore for RedisStore {
                     .arg(&value)
                     .arg("NX")
                     .arg("PX")
-                    .arg(ttl_ms(ttl))
+                    .arg(self.ttl_ms(ttl))
                     .query_async(&mut self.conn.clone())
                     .await
                     .map_err(|e| self.err(e))?;
@@ -220,13 +278,21 @@ impl DedupStore for RedisStore {
                     response,
                 },
             );
-            let _: Option<String> = redis::cmd("SET")
-                .arg(&key)
+            if value.len() > self.limits.max_value_bytes {
+                self.delete_if_owned(&key, token).await?;
+                return Err(StoreError::TooLarge {
+                    key,
+                    bytes: value.len(),
+                    max: self.limits.max_value_bytes,
+                });
+            }
+            let _: i64 = self
+                .complete
+                .key(&key)
+                .arg(&token.0)
                 .arg(value)
-                .arg("XX")
-                .arg("PX")
-                .arg(ttl_ms(ttl))
-                .query_async(&mut self.conn.clone())
+                .arg(self.ttl_ms(ttl))
+                .invoke_async(&mut self.conn.clone())
                 .await
                 .map_err(|e| self.err(e))?;
             Ok(())
@@ -234,17 +300,7 @@ impl DedupStore for RedisStore {
     }
 
     fn release<'a>(&'a self, key: &'a str, token: &'a ClaimToken) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            let key = format!("{PREFIX}{key}");
-            let _: i64 = self
-                .release
-                .key(&key)
-                .arg(&token.0)
-                .invoke_async(&mut self.conn.clone())
-                .await
-                .map_err(|e| self.err(e))?;
-            Ok(())
-        })
+        Box::pin(async move { self.delete_if_owned(&format!("{PREFIX}{key}"), token).await })
     }
 
     fn wait<'a>(&'a self, key: &'a str, until: Instant) -> StoreFuture<'a, Option<Entry>> {
