@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use crate::admin::{self, AdminState};
 use crate::config::ProxyArgs;
 use crate::control_plane::ControlPlaneClient;
+use crate::discovery::watch::{DiscoveryMetrics, WatchSettings, FIRST_STATE_WAIT};
 use crate::discovery::{self, Mesh, MeshConfig};
 use crate::drain;
 use crate::listener;
@@ -141,6 +142,21 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
     if let Some(path) = &config.mesh_config {
         discovery::watch_file(path.clone(), mesh.clone());
     }
+    // Without a local file, the mesh comes from the control plane's watch (a file is the local override).
+    let first_mesh_state = match (&config.mesh_config, &control_plane, &store) {
+        (None, Some((channel, _)), Some(store)) => {
+            let metrics = DiscoveryMetrics::register(&state.registry)
+                .context("registering discovery metrics")?;
+            Some(discovery::watch::spawn(
+                channel.clone(),
+                store.clone(),
+                mesh.clone(),
+                metrics,
+                WatchSettings::default(),
+            ))
+        }
+        _ => None,
+    };
     if let (Some((client, own_identity)), Some(store)) = (control_plane, store.clone()) {
         let reporter = telemetry::Reporter::new(own_identity, telemetry_registry, mesh.clone());
         let interval = config.report_interval;
@@ -187,6 +203,9 @@ async fn serve(config: ProxyArgs) -> anyhow::Result<()> {
         if let Some(store) = store {
             info!("waiting for the workload certificate");
             store.ready().await;
+        }
+        if let Some(first) = first_mesh_state {
+            first.wait(FIRST_STATE_WAIT).await;
         }
         ready_state.ready.store(true, Ordering::Release);
         info!("meshlet proxy ready");

@@ -121,7 +121,8 @@ pub struct ProxyArgs {
     pub drain_timeout: Duration,
 
     /// YAML file of the mesh's services: endpoints, identities, inbound rules. Re-read when it changes.
-    /// Absent: every destination is passed through plain.
+    /// It wins over the control plane (a local override). Absent: the mesh comes from the control plane's
+    /// discovery watch when there is one, else every destination is passed through plain.
     #[arg(long, env = "MESHLET_MESH_CONFIG", value_name = "FILE")]
     pub mesh_config: Option<std::path::PathBuf>,
 

@@ -91,6 +91,10 @@ pub struct Config {
     /// them from a ConfigMap. Absent: built-in defaults.
     #[arg(long, env = "MESHLET_CONTROL_INJECT_CONFIG")]
     pub inject_config: Option<PathBuf>,
+    /// Local mode: YAML file of the mesh (services, endpoints, identities, policies), the schema of the
+    /// sidecar's --mesh-config; re-read when it changes and streamed to sidecars. Absent: an empty mesh.
+    #[arg(long, env = "MESHLET_CONTROL_MESH_FILE")]
+    pub mesh_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -127,6 +131,7 @@ impl Config {
             join_tokens: None,
             token_audience: "meshlet".to_string(),
             inject_config: None,
+            mesh_file: None,
         }
     }
 

@@ -9,8 +9,11 @@ pub mod config;
 pub mod credential;
 pub mod issue;
 pub mod k8s;
+pub mod local;
+pub mod mesh_watch;
 pub mod metrics;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 pub mod webhook;
 
@@ -26,8 +29,10 @@ pub use config::{Config, ConfigError, Mode};
 use ca::{Authority, CaError};
 use credential::{Credentials, JoinTokenFileError, JoinTokens, TokenReviewer};
 use issue::IssuanceService;
+use mesh_watch::WatchService;
 use metrics::Metrics;
 use server::{AdminRouter, ApiRouter, ServerError};
+use store::{Store, StoreMetrics};
 
 /// ALPN protocols of the API: HTTP/2 for long-lived streams, HTTP/1.1 for simple clients.
 const API_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
@@ -55,6 +60,10 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     #[error("cannot listen for termination signals: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    MeshFile(#[from] local::LocalError),
+    #[error("cannot serve the mesh: {0}")]
+    MeshState(#[from] store::StoreError),
 }
 
 /// A running control plane.
@@ -154,6 +163,17 @@ async fn start_inner(
     let ready = Arc::new(AtomicBool::new(false));
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    // The mesh sidecars watch: the local file (or an empty mesh) numbered by the store.
+    let (mesh_source, mesh_file) = local::open(config.mesh_file.as_deref(), metrics.registry())?;
+    let store = Store::new(
+        mesh_source.borrow().clone(),
+        StoreMetrics::register(metrics.registry())?,
+    )?;
+    tasks.spawn(store.clone().follow(mesh_source));
+    if let Some(mesh_file) = mesh_file {
+        tasks.spawn(mesh_file.run(stopped.clone()));
+    }
+    let mesh_watch = WatchService::new(store, stopped.clone(), metrics.registry())?;
     tasks.spawn(server::serve(
         "api",
         api_listener,
@@ -161,6 +181,7 @@ async fn start_inner(
         Arc::new(ApiRouter {
             issuance,
             inject: Arc::new(inject),
+            watch: Arc::new(mesh_watch),
             telemetry: telemetry.clone(),
         }),
         stopped.clone(),

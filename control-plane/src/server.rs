@@ -178,6 +178,8 @@ pub struct ApiRouter {
     pub issuance: IssuanceService,
     /// What injected sidecars look like.
     pub inject: Arc<meshlet::inject::InjectConfig>,
+    /// The discovery watch streams (`GET /v1/mesh/watch`).
+    pub watch: Arc<crate::mesh_watch::WatchService>,
     /// Where sidecar telemetry reports go.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
@@ -214,6 +216,9 @@ impl Router for ApiRouter {
         }
         if request.uri().path() == WHOAMI_PATH {
             return whoami(&request);
+        }
+        if request.uri().path() == meshlet::discovery::protocol::WATCH_PATH {
+            return self.watch.serve(&request);
         }
         if request.uri().path() == meshlet::telemetry::report::TELEMETRY_PATH {
             return crate::telemetry::http::receive(&self.telemetry, request).await;

@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::policy::PolicyFile;
 use crate::tls::{AllowList, SpiffeId};
 
+pub mod protocol;
+pub mod watch;
+
 pub use table::{InboundPolicy, Mesh, MeshTable, MeshedEndpoint, ServicePolicies, VirtualPort};
 
 /// The mesh as configured: every known service.

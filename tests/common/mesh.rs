@@ -78,6 +78,25 @@ impl ControlPlane {
         admin: SocketAddr,
         dir: TempDir,
     ) -> ControlPlane {
+        Self::launch_with(binary, workloads, ttl, api, admin, dir, &[])
+    }
+
+    /// Like [`ControlPlane::launch`] with `extra` flags (e.g. `--mesh-file`); the log is appended to
+    /// [`ControlPlane::log_file`].
+    pub fn launch_with(
+        binary: &Path,
+        workloads: &[(&str, &str)],
+        ttl: &str,
+        api: SocketAddr,
+        admin: SocketAddr,
+        dir: TempDir,
+        extra: &[&str],
+    ) -> ControlPlane {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.0.join("control-plane.log"))
+            .unwrap();
         let tokens: String = workloads
             .iter()
             .map(|(ns, sa)| {
@@ -109,8 +128,9 @@ impl ControlPlane {
             .arg(dir.0.join("ca"))
             .arg("--join-tokens")
             .arg(&tokens_file)
+            .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -143,6 +163,21 @@ impl ControlPlane {
         }
     }
 
+    /// Where the control plane's log lines go.
+    pub fn log_file(&self) -> PathBuf {
+        self._dir.0.join("control-plane.log")
+    }
+
+    /// The control plane's own metrics.
+    pub fn metrics(&self) -> String {
+        let rsp = raw_request(
+            self.admin,
+            b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        String::from_utf8_lossy(&rsp.body).into_owned()
+    }
+
     /// Certificates issued so far, from the control plane's own metrics.
     pub fn issued(&self) -> f64 {
         let rsp = raw_request(
@@ -173,28 +208,44 @@ pub fn start_sidecar(
     ns: &str,
     sa: &str,
 ) -> Proxy {
-    let token = format!("token-{ns}-{sa}");
-    Proxy::start_at(
+    start_sidecar_with(
+        cp,
         inbound,
-        &[
-            "--control-plane-addr",
-            &cp.api.to_string(),
-            "--control-plane-name",
-            "localhost",
-            "--trust-anchors",
-            cp.trust_anchors.to_str().unwrap(),
-            "--trust-domain",
-            TRUST_DOMAIN,
-            "--namespace",
-            ns,
-            "--service-account",
-            sa,
-            "--join-token",
-            &token,
-            "--mesh-config",
-            mesh_file.to_str().unwrap(),
-        ],
+        ns,
+        sa,
+        &["--mesh-config", mesh_file.to_str().unwrap()],
     )
+}
+
+/// A sidecar with the identity `ns/sa` and `extra` flags; without `--mesh-config` it follows the control
+/// plane's discovery watch.
+pub fn start_sidecar_with(
+    cp: &ControlPlane,
+    inbound: SocketAddr,
+    ns: &str,
+    sa: &str,
+    extra: &[&str],
+) -> Proxy {
+    let token = format!("token-{ns}-{sa}");
+    let api = cp.api.to_string();
+    let mut args = vec![
+        "--control-plane-addr",
+        &api,
+        "--control-plane-name",
+        "localhost",
+        "--trust-anchors",
+        cp.trust_anchors.to_str().unwrap(),
+        "--trust-domain",
+        TRUST_DOMAIN,
+        "--namespace",
+        ns,
+        "--service-account",
+        sa,
+        "--join-token",
+        &token,
+    ];
+    args.extend_from_slice(extra);
+    Proxy::start_at(inbound, &args)
 }
 
 /// Writes a mesh file with one service, `server`, whose endpoints are `apps` behind `server_inbound`.
