@@ -95,6 +95,14 @@ pub struct Config {
     /// sidecar's --mesh-config; re-read when it changes and streamed to sidecars. Absent: an empty mesh.
     #[arg(long, env = "MESHLET_CONTROL_MESH_FILE")]
     pub mesh_file: Option<PathBuf>,
+    /// Cluster mode: namespaces whose Services, EndpointSlices and Pods make the mesh (comma-separated);
+    /// absent: every namespace.
+    #[arg(long, env = "MESHLET_CONTROL_WATCH_NAMESPACES", value_delimiter = ',')]
+    pub watch_namespaces: Vec<String>,
+    /// Cluster mode: how long start-up waits for the first complete listing of the cluster before serving
+    /// the discovery watch, so a restarted control plane never pushes an empty mesh to running sidecars.
+    #[arg(long, env = "MESHLET_CONTROL_DISCOVERY_SYNC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub discovery_sync_timeout: Duration,
 }
 
 impl Config {
@@ -113,6 +121,8 @@ impl Config {
         Self {
             mode: Mode::Cluster,
             issuer_dir: Some(issuer_dir),
+            // Test API servers answer TokenReviews but may not list Services; do not hold start-up for them.
+            discovery_sync_timeout: Duration::from_secs(1),
             ..Self::loopback_defaults()
         }
     }
@@ -132,6 +142,8 @@ impl Config {
             token_audience: "meshlet".to_string(),
             inject_config: None,
             mesh_file: None,
+            watch_namespaces: Vec::new(),
+            discovery_sync_timeout: Duration::from_secs(30),
         }
     }
 

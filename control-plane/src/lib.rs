@@ -144,7 +144,7 @@ async fn start_inner(
 
     let metrics = Arc::new(Metrics::new()?);
     let telemetry = telemetry::Telemetry::register(metrics.registry(), Default::default())?;
-    let (authority, credentials) = load_identity_sources(&config, kube_client).await?;
+    let (authority, credentials, kube_client) = load_identity_sources(&config, kube_client).await?;
     let authority = Arc::new(authority);
     let acceptor = api_tls(&config, &authority)?;
 
@@ -163,13 +163,25 @@ async fn start_inner(
     let ready = Arc::new(AtomicBool::new(false));
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    // The mesh sidecars watch: the local file (or an empty mesh) numbered by the store.
-    let (mesh_source, mesh_file) = local::open(config.mesh_file.as_deref(), metrics.registry())?;
+    // The mesh sidecars watch, numbered by the store: in a cluster what the Kubernetes watchers see, locally
+    // the mesh file (or an empty mesh).
+    let (mesh_source, mesh_file) = match kube_client {
+        Some(client) => (cluster_mesh(&config, client).await?, None),
+        None => local::open(config.mesh_file.as_deref(), metrics.registry())?,
+    };
     let store = Store::new(
         mesh_source.borrow().clone(),
         StoreMetrics::register(metrics.registry())?,
     )?;
-    tasks.spawn(store.clone().follow(mesh_source));
+    // Ends at shutdown even while the source lives on (the Kubernetes watchers stop once it is dropped).
+    let follow = store.clone().follow(mesh_source);
+    let mut stop_following = stopped.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = follow => {}
+            _ = stop_following.wait_for(|stop| *stop) => {}
+        }
+    });
     if let Some(mesh_file) = mesh_file {
         tasks.spawn(mesh_file.run(stopped.clone()));
     }
@@ -217,11 +229,37 @@ async fn start_inner(
     })
 }
 
-/// The CA and the credential checker of the configured mode.
+/// Cluster mode's mesh: Services, EndpointSlices and Pods through the Kubernetes watchers, with the
+/// mesh-wide policy defaults of `--mesh-file` (its `policy.defaults`) when one is given. Waits, bounded by
+/// `--discovery-sync-timeout`, for the first complete listing.
+async fn cluster_mesh(
+    config: &Config,
+    client: kube::Client,
+) -> Result<watch::Receiver<meshlet::discovery::MeshConfig>, Error> {
+    let mut settings = k8s::K8sSettings::new(config.trust_domain.clone());
+    settings.namespaces = config.watch_namespaces.clone();
+    if let Some(path) = &config.mesh_file {
+        settings.defaults = local::read_policy_defaults(path)?;
+    }
+    let mut mesh = k8s::spawn(client, settings);
+    match tokio::time::timeout(config.discovery_sync_timeout, mesh.changed()).await {
+        Ok(_) => tracing::info!(
+            services = mesh.borrow().services.len(),
+            "cluster listed; serving the discovery watch"
+        ),
+        Err(_) => tracing::warn!(
+            after = %humantime::format_duration(config.discovery_sync_timeout),
+            "the cluster was not listed in time; serving an empty mesh until it is"
+        ),
+    }
+    Ok(mesh)
+}
+
+/// The CA and the credential checker of the configured mode, and in cluster mode the Kubernetes client.
 async fn load_identity_sources(
     config: &Config,
     kube_client: Option<kube::Client>,
-) -> Result<(Authority, Credentials), Error> {
+) -> Result<(Authority, Credentials, Option<kube::Client>), Error> {
     Ok(match config.mode {
         Mode::Local => {
             let data_dir = config.data_dir.as_deref().ok_or(ConfigError::Missing {
@@ -237,7 +275,7 @@ async fn load_identity_sources(
             if tokens.is_empty() {
                 tracing::warn!(file = %tokens_path.display(), "no join tokens configured; every request will be refused");
             }
-            (authority, Credentials::JoinTokens(tokens))
+            (authority, Credentials::JoinTokens(tokens), None)
         }
         Mode::Cluster => {
             let issuer_dir = config.issuer_dir.as_deref().ok_or(ConfigError::Missing {
@@ -250,11 +288,11 @@ async fn load_identity_sources(
                 None => kube::Client::try_default().await?,
             };
             let reviewer = TokenReviewer::new(
-                client,
+                client.clone(),
                 config.token_audience.clone(),
                 config.trust_domain.clone(),
             );
-            (authority, Credentials::TokenReview(reviewer))
+            (authority, Credentials::TokenReview(reviewer), Some(client))
         }
     })
 }

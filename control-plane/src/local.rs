@@ -38,6 +38,19 @@ pub enum LocalError {
     Metrics(#[from] prometheus::Error),
 }
 
+/// The mesh-wide policy defaults of a mesh file (cluster mode takes only these from it: the services come
+/// from the cluster).
+pub fn read_policy_defaults(
+    path: &Path,
+) -> Result<meshlet::policy::config::PolicyOverrides, LocalError> {
+    MeshConfig::from_file(path)
+        .map(|mesh| mesh.policy.defaults)
+        .map_err(|source| LocalError::Load {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 /// The mesh of local mode: the file's content as a receiver, and the task that keeps it current (absent
 /// without `--mesh-file`, whose mesh is empty and never changes).
 pub fn open(

@@ -48,6 +48,8 @@ fn server_params(names: Vec<String>) -> CertificateParams {
 /// a serving certificate for the control plane's Service name, issued by that intermediate.
 struct CertManagerFiles {
     root_pem: String,
+    issuer_pem: String,
+    issuer: Issuer<'static, KeyPair>,
 }
 
 fn write_cert_manager_files(issuer_dir: &Path, serving_dir: &Path) -> CertManagerFiles {
@@ -72,6 +74,7 @@ fn write_cert_manager_files(issuer_dir: &Path, serving_dir: &Path) -> CertManage
         "PKCS#8, as cert-manager writes"
     );
 
+    let issuer_pem = issuer_cert.pem();
     let issuer = Issuer::new(issuer_params, issuer_key);
     let serving_key = KeyPair::generate().unwrap();
     let serving = server_params(vec![SERVICE_NAME.to_string()])
@@ -86,6 +89,8 @@ fn write_cert_manager_files(issuer_dir: &Path, serving_dir: &Path) -> CertManage
     std::fs::write(serving_dir.join("tls.key"), serving_key.serialize_pem()).unwrap();
     CertManagerFiles {
         root_pem: root.pem(),
+        issuer_pem,
+        issuer,
     }
 }
 
@@ -304,5 +309,101 @@ async fn an_unreachable_api_server_is_our_failure_not_the_callers() {
         !error.message.contains("127.0.0.1"),
         "internal details stay in the log: {error:?}"
     );
+    control.shutdown().await;
+}
+
+/// Cluster mode end to end: what the Kubernetes watchers see is what a sidecar's discovery watch receives.
+#[tokio::test]
+async fn the_discovery_watch_streams_what_the_cluster_says() {
+    use common::fake_api::FakeApiServer;
+    use meshlet::discovery::protocol::{WatchMessage, WATCH_PATH};
+    use meshlet::discovery::watch::LineBuffer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_cert_manager_files(&dir.path().join("issuer"), &dir.path().join("serving"));
+    let api = FakeApiServer::start(&[
+        (
+            "/api/v1/services",
+            include_str!("fixtures/k8s/services-list.json"),
+        ),
+        (
+            "/apis/discovery.k8s.io/v1/endpointslices",
+            include_str!("fixtures/k8s/endpointslices-list.json"),
+        ),
+        ("/api/v1/pods", include_str!("fixtures/k8s/pods-list.json")),
+    ])
+    .await;
+    let mut config = Config::cluster_loopback(dir.path().join("issuer"));
+    config.api_cert_dir = Some(dir.path().join("serving"));
+    config.discovery_sync_timeout = Duration::from_secs(10);
+    let control = meshlet_control::start_with_kube_client(config, api.client())
+        .await
+        .unwrap();
+
+    // A sidecar certificate from the cluster's issuer (what TokenReview-backed issuance would give).
+    let key = KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(WEB.try_into().unwrap())];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    let leaf = params.signed_by(&key, &files.issuer).unwrap();
+    let credentials = meshlet::tls::Credentials::from_pem(
+        &format!("{}{}", leaf.pem(), files.issuer_pem),
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        &files.root_pem,
+    )
+    .unwrap();
+    let mut anchors = rustls::RootCertStore::empty();
+    for cert in common::certs(&files.root_pem) {
+        anchors.add(cert).unwrap();
+    }
+    let settings = meshlet::tls::IdentitySettings {
+        control_plane_addr: control.api_addr().to_string(),
+        control_plane_name: rustls::pki_types::ServerName::try_from(SERVICE_NAME).unwrap(),
+        trust_anchors: Arc::new(anchors),
+        identity: WEB.parse().unwrap(),
+        credential: meshlet::tls::client::Credential::JoinToken("unused".parse().unwrap()),
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_millis(200),
+        request_timeout: Duration::from_secs(10),
+    };
+    let store = meshlet::tls::IdentityStore::with_credentials(credentials);
+    let channel = meshlet::control_plane::ControlPlaneClient::new(&settings, store).unwrap();
+    let response = channel.get(WATCH_PATH).await.unwrap();
+    assert_eq!(response.status(), 200);
+
+    let mut body = response.into_body();
+    let mut lines = LineBuffer::new(1 << 20);
+    let snapshot = 'read: loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the snapshot arrives")
+            .expect("the stream is open")
+            .unwrap();
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        for line in lines.push(&data).unwrap() {
+            if let WatchMessage::Snapshot { mesh, .. } = serde_json::from_slice(&line).unwrap() {
+                break 'read mesh;
+            }
+        }
+    };
+    let payment = snapshot
+        .services
+        .iter()
+        .find(|s| s.name == "payment.shop")
+        .expect("the cluster's payment Service is in the first snapshot, not an empty mesh");
+    assert_eq!(
+        payment.addresses,
+        ["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(
+        payment.identity.as_str(),
+        "spiffe://cluster.local/ns/shop/sa/payment"
+    );
+    assert!(!payment.endpoints.is_empty());
     control.shutdown().await;
 }

@@ -124,17 +124,21 @@ pub(crate) async fn start(
     })
 }
 
-/// What the control plane is told about the mesh file: nothing yet. When it distributes the mesh state, it
-/// gets the file here (to watch and push) and [`mesh_state_flags`] points the sidecars at it instead.
-pub(crate) fn control_plane_mesh_flags(_mesh_file: &Path) -> Vec<OsString> {
-    Vec::new()
+/// What the control plane is told about the mesh file: to watch it and push every change to the sidecars
+/// over their discovery watch (within a second, without restarting anything).
+pub(crate) fn control_plane_mesh_flags(mesh_file: &Path) -> Vec<OsString> {
+    vec!["--mesh-file".into(), mesh_file.into()]
 }
 
-/// Where every sidecar gets its mesh state (services, endpoints, identities, policies) from: today the mesh
-/// file itself, re-read by each sidecar when it changes. This is the one place to switch when the control
-/// plane distributes the state (it will watch the same file and push it to the sidecars).
-pub(crate) fn mesh_state_flags(mesh_file: &Path) -> Vec<OsString> {
-    vec!["--mesh-config".into(), mesh_file.into()]
+/// Where every sidecar gets its mesh state (services, endpoints, identities, policies) from: the control
+/// plane's discovery watch when there is a control plane, else (the plaintext fallback) the mesh file
+/// itself, re-read by each sidecar when it changes.
+pub(crate) fn mesh_state_flags(mesh_file: &Path, with_control_plane: bool) -> Vec<OsString> {
+    if with_control_plane {
+        Vec::new()
+    } else {
+        vec!["--mesh-config".into(), mesh_file.into()]
+    }
 }
 
 /// The shop's per-service resilience policies, keyed by the destination service's name (what its callers'

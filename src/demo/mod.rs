@@ -467,10 +467,22 @@ fn print_intro(args: &DemoArgs, pods: &[Pod], strict: bool, mesh_file: &Path) {
         "  payment fails {:.0}% of charges (unavailable, declined, slow, or answered too late); order's sidecar retries with an injected Idempotency-Key and payment's sidecar de-duplicates.",
         args.payment_failure_rate * 100.0
     );
-    println!(
-        "policy: {} (per service; every sidecar re-reads it within a second of a save)",
-        mesh_file.display()
-    );
+    if strict {
+        println!(
+            "policy: {} (per service; the control plane watches it and pushes every save to the sidecars within a second)",
+            mesh_file.display()
+        );
+        println!(
+            "telemetry: every sidecar reports to the control plane: `meshlet stat` (or http://{}/api/v1/stat?by=edge, http://{}/metrics)",
+            control::ADMIN_ADDR,
+            control::ADMIN_ADDR
+        );
+    } else {
+        println!(
+            "policy: {} (per service; every sidecar re-reads it within a second of a save)",
+            mesh_file.display()
+        );
+    }
     println!("  try: set services.payment.retries.max_attempts to 1 → RETRIES on order → payment drops to 0 and more orders are cancelled;");
     println!("       or services.payment.timeouts.per_try to 1s → slow charges are waited for instead of retried.");
     println!("table: per edge over the last interval; `tcp` rows are opaque TCP: connections open, +opened -closed, and bytes/s of connections that closed (the proxy counts bytes at close).");
@@ -581,7 +593,7 @@ fn start_sidecar(
             "--log",
             "warn",
         ])
-        .args(control::mesh_state_flags(mesh_file))
+        .args(control::mesh_state_flags(mesh_file, identity.is_some()))
         .args(identity.unwrap_or_default())
         .stdout(Stdio::null())
         .spawn()

@@ -188,16 +188,6 @@ pub enum DiscoveryError {
         /// Its addresses.
         addresses: Vec<IpAddr>,
     },
-    /// Two services claim the same endpoint address.
-    #[error("invalid mesh config: endpoint {address} is listed by both {first} and {second}")]
-    DuplicateEndpoint {
-        /// The address.
-        address: SocketAddr,
-        /// The first service listing it.
-        first: String,
-        /// The second service listing it.
-        second: String,
-    },
 }
 
 impl MeshConfig {
@@ -228,7 +218,6 @@ impl MeshConfig {
 
     fn check(&self) -> Result<(), DiscoveryError> {
         self.policy.validate()?;
-        let mut owners: HashMap<SocketAddr, &str> = HashMap::new();
         let mut virtuals: HashMap<SocketAddr, &str> = HashMap::new();
         for service in &self.services {
             if !service.addresses.is_empty() && service.ports.is_empty() {
@@ -247,15 +236,6 @@ impl MeshConfig {
                             second: service.name.clone(),
                         });
                     }
-                }
-            }
-            for endpoint in &service.endpoints {
-                if let Some(first) = owners.insert(endpoint.address, &service.name) {
-                    return Err(DiscoveryError::DuplicateEndpoint {
-                        address: endpoint.address,
-                        first: first.to_string(),
-                        second: service.name.clone(),
-                    });
                 }
             }
         }
@@ -346,11 +326,24 @@ services:
             .unwrap_err()
             .to_string();
         assert!(err.contains("not-an-id"), "{err}");
-        let dup = "services:\n  - {name: a, identity: 'spiffe://x/ns/a/sa/a', endpoints: [{address: '10.0.0.1:80'}]}\n  - {name: b, identity: 'spiffe://x/ns/a/sa/b', endpoints: [{address: '10.0.0.1:80'}]}\n";
-        let err = MeshConfig::from_yaml(dup).unwrap_err().to_string();
-        assert!(
-            err.contains("10.0.0.1:80") && err.contains('a') && err.contains('b'),
-            "{err}"
+    }
+
+    #[test]
+    fn a_pod_behind_two_services_is_dialed_directly_as_the_first() {
+        // Common in Kubernetes (a Deployment selected by two Services): not an error. Each service keeps
+        // the endpoint for its own virtual address; a direct pod-IP connection follows the first listed.
+        let two = "services:\n  - {name: a, identity: 'spiffe://x/ns/a/sa/a', endpoints: [{address: '10.0.0.1:80'}]}\n  - {name: b, identity: 'spiffe://x/ns/a/sa/a', endpoints: [{address: '10.0.0.1:80'}]}\n";
+        let config = MeshConfig::from_yaml(two).unwrap();
+        let metrics = PolicyMetrics::register(&prometheus::Registry::new()).unwrap();
+        let table = MeshTable::new(&config, &metrics, None);
+        let endpoint = table.outbound("10.0.0.1:80".parse().unwrap()).unwrap();
+        assert_eq!(&*endpoint.service, "a");
+        assert_eq!(
+            table
+                .inbound("10.0.0.1:80".parse().unwrap())
+                .service
+                .as_deref(),
+            Some("a")
         );
     }
 }

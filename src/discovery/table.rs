@@ -199,7 +199,10 @@ impl MeshTable {
                 };
                 if listed {
                     for addr in &addrs {
-                        table.policies.insert(*addr, policies.clone());
+                        table
+                            .policies
+                            .entry(*addr)
+                            .or_insert_with(|| policies.clone());
                     }
                 }
                 table.backends.insert(key, policies);
@@ -220,16 +223,17 @@ impl MeshTable {
         for endpoint in &service.endpoints {
             if endpoint.meshed {
                 let identity = endpoint.identity.as_ref().unwrap_or(&service.identity);
-                self.outbound.insert(
-                    endpoint.address,
-                    MeshedEndpoint {
+                self.outbound
+                    .entry(endpoint.address)
+                    .or_insert_with(|| MeshedEndpoint {
                         service: name.clone(),
                         identity: identity.clone(),
                         dial: endpoint.sidecar.unwrap_or(endpoint.address),
-                    },
-                );
+                    });
             }
-            self.inbound.insert(endpoint.address, policy.clone());
+            self.inbound
+                .entry(endpoint.address)
+                .or_insert_with(|| policy.clone());
         }
         // Hints apply to pod-IP destinations too (headless services), and to the endpoints' own sidecars.
         for port in &service.ports {
@@ -238,7 +242,7 @@ impl MeshTable {
             };
             for endpoint in &service.endpoints {
                 if endpoint.address.port() == port.target() {
-                    self.protocols.insert(endpoint.address, protocol);
+                    self.protocols.entry(endpoint.address).or_insert(protocol);
                 }
             }
         }

@@ -681,12 +681,12 @@ mod tests {
             "a"
         );
 
-        // Two services claiming one endpoint: refused, counted, and "a" stays in force.
-        let mut twice = mesh("a");
-        twice.services.extend(mesh("b").services);
+        // A virtual address without a port to route: refused, counted, and "a" stays in force.
+        let mut unroutable = mesh("b");
+        unroutable.services[0].addresses = vec!["10.96.0.1".parse().unwrap()];
         let bad = WatchMessage::Snapshot {
             version: 2,
-            mesh: twice,
+            mesh: unroutable,
         };
         assert_eq!(applier.handle(&mut follower, &line(&bad)).ok(), Some(true));
         assert_eq!(

@@ -368,10 +368,17 @@ fn build_service(
             Some(endpoint)
         })
         .collect();
+    // A virtual address is useful only with a port to route (a named target port waits for its
+    // EndpointSlice), and sidecars refuse a mesh state that lists addresses without ports.
+    let addresses = if ports.is_empty() {
+        Vec::new()
+    } else {
+        spec_addresses(service)
+    };
     Some(ServiceConfig {
         name: key.to_string(),
         identity,
-        addresses: spec_addresses(service),
+        addresses,
         ports,
         endpoints,
         inbound: annotations.inbound.clone(),
