@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
@@ -13,28 +12,9 @@ use meshlet::control_plane::ControlPlaneClient;
 use meshlet::discovery::protocol::{WatchMessage, WATCH_PATH};
 use meshlet::discovery::watch::LineBuffer;
 use meshlet::discovery::MeshConfig;
-use meshlet::tls::client::{Credential, Secret};
-use meshlet::tls::{CertManager, IdentitySettings, IdentityStore};
-use rustls::pki_types::ServerName;
+use meshlet::tls::{CertManager, IdentityStore};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-
-fn settings(control: &meshlet_control::ControlPlane) -> IdentitySettings {
-    let mut anchors = rustls::RootCertStore::empty();
-    for cert in common::certs(control.trust_bundle_pem()) {
-        anchors.add(cert).unwrap();
-    }
-    IdentitySettings {
-        control_plane_addr: control.api_addr().to_string(),
-        control_plane_name: ServerName::try_from("meshlet-control.meshlet.svc").unwrap(),
-        trust_anchors: Arc::new(anchors),
-        identity: WEB.parse().unwrap(),
-        credential: Credential::JoinToken("web-token".parse::<Secret>().unwrap()),
-        retry_initial: Duration::from_millis(50),
-        retry_max: Duration::from_millis(200),
-        request_timeout: Duration::from_secs(10),
-    }
-}
 
 fn mesh_yaml(timeout: &str) -> String {
     format!(
@@ -92,7 +72,7 @@ async fn the_watch_streams_a_snapshot_then_deltas_to_callers_with_a_mesh_certifi
     let mut config = meshlet_control::Config::local_loopback(dir.path().join("ca"), tokens);
     config.mesh_file = Some(mesh_file.clone());
     let control = meshlet_control::start(config).await.unwrap();
-    let settings = settings(&control);
+    let settings = common::sidecar_settings(&control, WEB, "web-token");
 
     // No certificate: refused with a JSON problem.
     let anonymous = ControlPlaneClient::new(&settings, IdentityStore::new()).unwrap();
