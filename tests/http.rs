@@ -397,3 +397,57 @@ async fn sigterm_drains_gracefully() {
         "exit must come within drain delay + drain timeout"
     );
 }
+
+/// A long-lived tunnel (a broker or database connection) shows its bytes while it is open, not only once
+/// it closes.
+#[test]
+fn tunnel_bytes_are_counted_while_the_tunnel_is_open() {
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = echo.accept() {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let proxy = Proxy::start(&[]);
+    let mut tunnel = TcpStream::connect(proxy.outbound).unwrap();
+    tunnel
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        tunnel,
+        "CONNECT {echo_addr} HTTP/1.1\r\nHost: {echo_addr}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(tunnel.read(&mut byte).unwrap(), 1, "tunnel head cut short");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    let payload = [7u8; 3000];
+    tunnel.write_all(&payload).unwrap();
+    let mut echoed = vec![0u8; payload.len()];
+    tunnel.read_exact(&mut echoed).unwrap();
+
+    let dst = format!("destination=\"{echo_addr}\"");
+    let counted = |flow: &str| {
+        proxy.metric_sum(
+            "meshlet_tcp_bytes_total",
+            &[&dst, &format!("flow=\"{flow}\"")],
+        )
+    };
+    assert_eq!(counted("to_upstream"), 3000.0);
+    assert_eq!(counted("from_upstream"), 3000.0);
+    assert_eq!(
+        proxy.metric_sum("meshlet_tcp_connections_closed_total", &[&dst]),
+        0.0,
+        "the tunnel is still open"
+    );
+}

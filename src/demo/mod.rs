@@ -485,7 +485,7 @@ fn print_intro(args: &DemoArgs, pods: &[Pod], strict: bool, mesh_file: &Path) {
     }
     println!("  try: set services.payment.retries.max_attempts to 1 → RETRIES on order → payment drops to 0 and more orders are cancelled;");
     println!("       or services.payment.timeouts.per_try to 1s → slow charges are waited for instead of retried.");
-    println!("table: per edge over the last interval; `tcp` rows are opaque TCP: connections open, +opened -closed, and bytes/s of connections that closed (the proxy counts bytes at close).");
+    println!("table: per edge over the last interval; `tcp` rows are opaque TCP: connections open, +opened -closed, and bytes/s both ways.");
     println!("Ctrl-C stops everything.\n");
 }
 

@@ -142,7 +142,7 @@ pub struct TcpEdge {
     pub opened: f64,
     /// Connections closed.
     pub closed: f64,
-    /// Bytes both ways, of connections that closed (the proxy counts a connection's bytes when it closes).
+    /// Bytes both ways over the interval (the proxy counts them as they flow).
     pub bytes: f64,
     /// Connections open now.
     pub open: f64,

@@ -153,15 +153,23 @@ where
     let open = metrics.tcp_open.with_label_values(&[dir]);
     open.inc();
 
+    // Bytes are counted as they flow, so long-lived tunnels (brokers, databases) show their traffic while
+    // open, not only when they close.
     let to_upstream = Arc::new(AtomicU64::new(0));
     let from_upstream = Arc::new(AtomicU64::new(0));
     let mut client = Counted {
         inner: client,
         read: to_upstream.clone(),
+        metric: metrics
+            .tcp_bytes
+            .with_label_values(&[dir, label, "to_upstream"]),
     };
     let mut upstream = Counted {
         inner: upstream,
         read: from_upstream.clone(),
+        metric: metrics
+            .tcp_bytes
+            .with_label_values(&[dir, label, "from_upstream"]),
     };
     let copy = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
@@ -193,20 +201,13 @@ where
     }
     open.dec();
     metrics.tcp_closed.with_label_values(&[dir, label]).inc();
-    metrics
-        .tcp_bytes
-        .with_label_values(&[dir, label, "to_upstream"])
-        .inc_by(to_upstream.load(Ordering::Relaxed));
-    metrics
-        .tcp_bytes
-        .with_label_values(&[dir, label, "from_upstream"])
-        .inc_by(from_upstream.load(Ordering::Relaxed));
 }
 
-/// Counts the bytes read from the wrapped IO.
+/// Counts the bytes read from the wrapped IO: for the idle check, and in the byte metric.
 struct Counted<I> {
     inner: I,
     read: Arc<AtomicU64>,
+    metric: prometheus::IntCounter,
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
@@ -220,6 +221,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             self.read.fetch_add(n, Ordering::Relaxed);
+            self.metric.inc_by(n);
         }
         result
     }
