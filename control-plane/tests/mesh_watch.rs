@@ -12,7 +12,7 @@ use meshlet::control_plane::ControlPlaneClient;
 use meshlet::discovery::protocol::{WatchMessage, WATCH_PATH};
 use meshlet::discovery::watch::LineBuffer;
 use meshlet::discovery::MeshConfig;
-use meshlet::tls::{CertManager, IdentityStore};
+use meshlet::tls::IdentityStore;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
@@ -82,15 +82,7 @@ async fn the_watch_streams_a_snapshot_then_deltas_to_callers_with_a_mesh_certifi
     let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(problem["reason"], "no-client-certificate");
 
-    let store = IdentityStore::new();
-    store.replace(
-        CertManager::new(settings.clone())
-            .unwrap()
-            .request()
-            .await
-            .unwrap(),
-    );
-    let channel = ControlPlaneClient::new(&settings, store).unwrap();
+    let channel = common::certified_channel(&settings).await;
     let response = channel.get(WATCH_PATH).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "application/x-ndjson");

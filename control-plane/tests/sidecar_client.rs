@@ -63,10 +63,8 @@ async fn the_sidecar_channel_is_mutual_tls_with_its_own_certificate() {
     let anonymous = channel.get("/v1/whoami").await.unwrap();
     assert_eq!(anonymous.status(), 401);
 
-    let manager = CertManager::new(settings.clone()).unwrap();
-    store.replace(manager.request().await.unwrap());
-    // A fresh channel presents the certificate, and the control plane sees the SPIFFE identity.
-    let channel = meshlet::control_plane::ControlPlaneClient::new(&settings, store).unwrap();
+    // A channel with a certificate presents it, and the control plane sees the SPIFFE identity.
+    let channel = common::certified_channel(&settings).await;
     let answer = channel.get("/v1/whoami").await.unwrap();
     assert_eq!(answer.status(), 200);
     let body = answer.into_body().collect().await.unwrap().to_bytes();

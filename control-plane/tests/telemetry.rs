@@ -8,7 +8,7 @@ use http_body_util::BodyExt;
 use meshlet::control_plane::ControlPlaneClient;
 use meshlet::telemetry::api::StatResponse;
 use meshlet::telemetry::report::{Counts, Edge, Report, REPORT_VERSION, TELEMETRY_PATH};
-use meshlet::tls::{CertManager, IdentityStore};
+use meshlet::tls::IdentityStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -76,15 +76,7 @@ async fn reports_need_the_sources_certificate_and_are_counted_once() {
     let (status, _) = post(&anonymous, json(&report(WEB, 1, 5))).await;
     assert_eq!(status, 401);
 
-    let store = IdentityStore::new();
-    store.replace(
-        CertManager::new(settings.clone())
-            .unwrap()
-            .request()
-            .await
-            .unwrap(),
-    );
-    let channel = ControlPlaneClient::new(&settings, store).unwrap();
+    let channel = common::certified_channel(&settings).await;
     // Another workload's name as source: forbidden.
     let other = "spiffe://cluster.local/ns/shop/sa/payment";
     let (status, answer) = post(&channel, json(&report(other, 1, 5))).await;

@@ -349,3 +349,13 @@ pub fn sidecar_settings(
         request_timeout: Duration::from_secs(10),
     }
 }
+
+/// The sidecar's channel to the control plane, presenting a certificate issued for `settings` first.
+pub async fn certified_channel(
+    settings: &meshlet::tls::IdentitySettings,
+) -> Arc<meshlet::control_plane::ControlPlaneClient> {
+    let store = meshlet::tls::IdentityStore::new();
+    let manager = meshlet::tls::CertManager::new(settings.clone()).unwrap();
+    store.replace(manager.request().await.unwrap());
+    meshlet::control_plane::ControlPlaneClient::new(settings, store).unwrap()
+}
