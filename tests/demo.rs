@@ -9,28 +9,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-/// Holds the demo lock until dropped (closing the file releases it).
-struct DemoLock(#[allow(dead_code)] std::fs::File);
-
-fn demo_lock() -> DemoLock {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open("/tmp/meshlet-demo.lock")
-        .expect("open /tmp/meshlet-demo.lock");
-    // SAFETY: flock(2) on a descriptor this function owns.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-    assert_eq!(rc, 0, "flock /tmp/meshlet-demo.lock");
-    DemoLock(file)
-}
 
 /// The demo needs the control plane beside the proxy binary (for identities and mTLS).
 fn require_control_plane() {
@@ -116,7 +99,7 @@ fn table_rows(stdout: &str) -> Vec<(String, String, String)> {
 fn a_minute_of_the_shop_with_payment_failing_30_percent_charges_no_order_twice() {
     require_control_plane();
     let redis = have_redis();
-    let _lock = demo_lock();
+    let _lock = common::FileLock::exclusive(common::DEMO_LOCK);
     let report_file = report_path("minute");
     let started = Instant::now();
     let child = Command::new(common::MESHLET)
@@ -282,7 +265,7 @@ fn a_minute_of_the_shop_with_payment_failing_30_percent_charges_no_order_twice()
 #[test]
 fn sigterm_stops_the_demo_and_every_process_it_started() {
     require_control_plane();
-    let _lock = demo_lock();
+    let _lock = common::FileLock::exclusive(common::DEMO_LOCK);
     let report_file = report_path("sigterm");
     let mut child = Command::new(common::MESHLET)
         .args(["demo", "--interval", "2s", "--report"])

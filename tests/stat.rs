@@ -28,28 +28,6 @@ impl Drop for Running {
     }
 }
 
-/// An exclusive lock on `/tmp/meshlet-demo.lock` (what `flock /tmp/meshlet-demo.lock` takes), held until
-/// dropped: the demo's fixed addresses are for one demo at a time.
-struct DemoLock {
-    _file: std::fs::File,
-}
-
-impl DemoLock {
-    fn acquire() -> DemoLock {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open("/tmp/meshlet-demo.lock")
-            .expect("open /tmp/meshlet-demo.lock");
-        // SAFETY: the descriptor belongs to `file`, which outlives the call. Closing it releases the lock.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
-        DemoLock { _file: file }
-    }
-}
-
 fn stat(args: &[&str]) -> std::process::Output {
     Command::new(MESHLET)
         .arg("stat")
@@ -72,7 +50,7 @@ fn stat_shows_the_demo_edges() {
             .exists(),
         "meshlet-control is not built beside meshlet (run `cargo build -p meshlet-control`); without it the demo has no control plane to report to"
     );
-    let lock = DemoLock::acquire();
+    let lock = FileLock::exclusive(DEMO_LOCK);
     let mut child = Command::new(MESHLET)
         .args(["demo", "--duration", "40s"])
         .stdout(Stdio::piped())

@@ -450,3 +450,28 @@ pub fn run_python(script: &str, args: &[&str], limit: Duration) -> String {
 pub fn still_running(proxy: &mut Proxy) -> bool {
     matches!(proxy.child.try_wait(), Ok(None))
 }
+
+/// An exclusive `flock(2)` on a file (what `flock <path> <command>` takes), held until dropped: tests that
+/// need fixed addresses (the demo) or the host's network setup take one so they never overlap, even across
+/// test binaries and with a developer's own `flock` runs.
+pub struct FileLock(#[allow(dead_code)] std::fs::File);
+
+impl FileLock {
+    /// Waits until nobody else holds the lock on `path`.
+    pub fn exclusive(path: &str) -> FileLock {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: the descriptor belongs to `file`, which outlives the call. Closing it releases the lock.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock {path}: {}", std::io::Error::last_os_error());
+        FileLock(file)
+    }
+}
+
+/// What the demo's tests hold: its addresses and ports are fixed, so one demo runs at a time.
+pub const DEMO_LOCK: &str = "/tmp/meshlet-demo.lock";

@@ -11,7 +11,6 @@
 #![allow(dead_code)]
 
 use std::fs::{self, File};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -32,26 +31,14 @@ pub fn lock_if_root(test: &str) -> Option<NetnsLock> {
 }
 
 /// An exclusive lock on `/tmp/meshlet-netns.lock`, held until dropped.
-pub struct NetnsLock(File);
+pub struct NetnsLock(crate::common::FileLock);
 
 impl NetnsLock {
     /// Waits until no other namespace test holds the lock.
     pub fn acquire() -> Self {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open("/tmp/meshlet-netns.lock")
-            .expect("open /tmp/meshlet-netns.lock");
-        // SAFETY: the descriptor belongs to `file`, which outlives the call. Closing it releases the lock.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(
-            rc,
-            0,
-            "flock /tmp/meshlet-netns.lock: {}",
-            std::io::Error::last_os_error()
-        );
-        NetnsLock(file)
+        NetnsLock(crate::common::FileLock::exclusive(
+            "/tmp/meshlet-netns.lock",
+        ))
     }
 }
 
