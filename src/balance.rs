@@ -17,15 +17,18 @@
 //! The chosen endpoint is recorded in the request's [`Endpoint`] extension and written into its URI (the
 //! original authority stays in `Host`), so the client below connects to it.
 
+use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
+use pin_project_lite::pin_project;
 use rand::Rng;
 use tokio::time::Instant;
 use tower::{Layer, Service};
@@ -33,7 +36,7 @@ use tower::{Layer, Service};
 use crate::policy::body::with_guard;
 use crate::policy::breaker::{BreakerTable, Endpoint};
 use crate::policy::idempotency::IDEMPOTENCY_KEY;
-use crate::policy::{oneshot, proxy_response, Body, ProxyReason};
+use crate::policy::{proxy_response, Body, ProxyReason};
 
 /// Latency assumed for an endpoint before it has answered.
 const DEFAULT_RTT: Duration = Duration::from_millis(5);
@@ -157,30 +160,34 @@ impl Endpoints {
                 return Some(home.clone());
             }
         }
-        let available: Vec<&Arc<EndpointLoad>> = all
-            .iter()
-            .filter(|e| self.breakers.is_available(&e.addr))
-            .collect();
         let mut rng = rand::rng();
-        let pool = if available.is_empty() {
-            all.iter().collect()
-        } else {
-            available
-        };
-        match pool.len() {
-            0 => None,
-            1 => Some(pool[0].clone()),
-            n => {
-                let a = rng.random_range(0..n);
-                let b = (a + rng.random_range(1..n)) % n;
-                let (a, b) = (pool[a], pool[b]);
-                Some(if a.cost() <= b.cost() {
-                    a.clone()
-                } else {
-                    b.clone()
-                })
+        // The common case first: two distinct endpoints at random, both available.
+        if all.len() >= 2 {
+            let a = rng.random_range(0..all.len());
+            let b = (a + rng.random_range(1..all.len())) % all.len();
+            let (a, b) = (&all[a], &all[b]);
+            if self.breakers.is_available(&a.addr) && self.breakers.is_available(&b.addr) {
+                return Some(if a.cost() <= b.cost() { a } else { b }.clone());
             }
         }
+        let available = |e: &&Arc<EndpointLoad>| self.breakers.is_available(&e.addr);
+        let n = all.iter().filter(available).count();
+        if n == 0 {
+            // Every endpoint is ejected: any one, so that the breaker below answers `circuit-open`.
+            return all.first().cloned();
+        }
+        let nth = |i: usize| all.iter().filter(available).nth(i);
+        let a = rng.random_range(0..n);
+        let chosen = if n == 1 {
+            nth(a)
+        } else {
+            let b = (a + rng.random_range(1..n)) % n;
+            match (nth(a), nth(b)) {
+                (Some(a), Some(b)) => Some(if a.cost() <= b.cost() { a } else { b }),
+                (a, b) => a.or(b),
+            }
+        };
+        chosen.cloned()
     }
 }
 
@@ -228,7 +235,7 @@ pub struct Balance<S> {
 }
 
 /// Counts a request in flight until its response body is done (or the attempt is dropped).
-struct InFlight(Arc<EndpointLoad>);
+pub struct InFlight(Arc<EndpointLoad>);
 
 impl InFlight {
     fn new(endpoint: Arc<EndpointLoad>) -> InFlight {
@@ -272,16 +279,14 @@ fn retarget(req: &mut Request<Body>, endpoint: &EndpointLoad) {
 
 impl<S, E> Service<Request<Body>> for Balance<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = E> + Clone + Send + 'static,
-    S::Future: Send,
-    E: Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = E>,
 {
     type Response = Response<Body>;
     type Error = E;
-    type Future = crate::policy::ResponseFuture<E>;
+    type Future = ResponseFuture<S::Future>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), E>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
@@ -290,17 +295,54 @@ where
             .get(IDEMPOTENCY_KEY)
             .map(HeaderValue::as_bytes);
         let Some(endpoint) = self.endpoints.choose(key) else {
-            return Box::pin(async { Ok(proxy_response(ProxyReason::NoEndpoints)) });
+            return ResponseFuture::NoEndpoints;
         };
         retarget(&mut req, &endpoint);
-        let in_flight = InFlight::new(endpoint);
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let started = Instant::now();
-            let resp = oneshot(inner, req).await?;
-            in_flight.0.observe(started.elapsed());
-            Ok(resp.map(|body| with_guard(body, in_flight)))
-        })
+        ResponseFuture::Sent {
+            in_flight: Some(InFlight::new(endpoint)),
+            started: Instant::now(),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project! {
+    /// The chosen endpoint's response, its latency observed; or 503 `no-endpoints`.
+    #[project = ResponseFutureProj]
+    pub enum ResponseFuture<F> {
+        /// Sent to the endpoint counted in `in_flight`, which moves into the response body.
+        Sent { #[pin] inner: F, in_flight: Option<InFlight>, started: Instant },
+        /// The service has no endpoints.
+        NoEndpoints,
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseFutureProj::Sent {
+                inner,
+                in_flight,
+                started,
+            } => {
+                let resp = ready!(inner.poll(cx))?;
+                Poll::Ready(Ok(match in_flight.take() {
+                    Some(in_flight) => {
+                        in_flight.0.observe(started.elapsed());
+                        resp.map(|body| with_guard(body, in_flight))
+                    }
+                    None => resp,
+                }))
+            }
+            ResponseFutureProj::NoEndpoints => {
+                Poll::Ready(Ok(proxy_response(ProxyReason::NoEndpoints)))
+            }
+        }
     }
 }
 

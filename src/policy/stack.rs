@@ -19,12 +19,14 @@ use http::{Request, Response};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder};
 
-use crate::balance::{BalanceLayer, Endpoints};
-use crate::policy::breaker::{BreakerTable, CircuitBreakerLayer};
-use crate::policy::idempotency::{DedupLayer, DedupStore, FirstRequests, InjectKeyLayer};
-use crate::policy::limit::ConcurrencyLimitLayer;
-use crate::policy::retry::RetryLayer;
-use crate::policy::timeout::{TimeoutKind, TimeoutLayer};
+use crate::balance::{Balance, BalanceLayer, Endpoints};
+use crate::policy::breaker::{BreakerTable, CircuitBreaker, CircuitBreakerLayer};
+use crate::policy::idempotency::{
+    DedupLayer, DedupStore, FirstRequests, InjectKey, InjectKeyLayer,
+};
+use crate::policy::limit::{ConcurrencyLimit, ConcurrencyLimitLayer};
+use crate::policy::retry::{Retry, RetryLayer};
+use crate::policy::timeout::{Timeout, TimeoutKind, TimeoutLayer};
 use crate::policy::{Body, Classify, PolicyMetrics, ResponseFuture, ServicePolicy, SharedPolicy};
 
 /// A boxed, cloneable policy stack.
@@ -67,6 +69,14 @@ impl std::fmt::Debug for KeptStacks {
 /// last hop never gets this stack.
 struct Kept<S, E>(PolicyService<E>, PhantomData<fn() -> S>);
 
+/// The client-side stack over `S`, unboxed: cloning it for a request copies reference counts only, and its
+/// layers' futures nest without a box each.
+pub type OutboundStack<S> =
+    ConcurrencyLimit<Timeout<InjectKey<Retry<Timeout<Balance<CircuitBreaker<S>>>>>>>;
+
+/// The kept client-side stack over `S`.
+struct KeptOutbound<S>(OutboundStack<S>);
+
 impl DestinationPolicy {
     /// The policy state of `destination` (its metric label, e.g. `payment.shop:8080`).
     pub fn new(
@@ -106,11 +116,11 @@ impl DestinationPolicy {
         let kept = self
             .kept
             .outbound
-            .get_or_init(|| Box::new(Kept::<S, E>(self.outbound(S::default()), PhantomData)));
-        match kept.downcast_ref::<Kept<S, E>>() {
-            Some(Kept(stack, _)) => send(stack, req),
+            .get_or_init(|| Box::new(KeptOutbound(self.outbound_stack(S::default()))));
+        match kept.downcast_ref::<KeptOutbound<S>>() {
+            Some(KeptOutbound(stack)) => crate::policy::oneshot(stack.clone(), req),
             // Another last hop was here first (not the data path's case): a stack for this call alone.
-            None => send(&self.outbound(S::default()), req),
+            None => crate::policy::oneshot(self.outbound_stack(S::default()), req),
         }
     }
 
@@ -161,6 +171,11 @@ impl DestinationPolicy {
         S::Future: Send,
         E: Classify + Send + 'static,
     {
+        BoxCloneSyncService::new(self.outbound_stack(client))
+    }
+
+    /// [`DestinationPolicy::outbound`], unboxed.
+    pub fn outbound_stack<S>(&self, client: S) -> OutboundStack<S> {
         let timeout = |kind| {
             TimeoutLayer::new(
                 kind,
@@ -169,7 +184,7 @@ impl DestinationPolicy {
                 self.metrics.clone(),
             )
         };
-        let stack = ServiceBuilder::new()
+        ServiceBuilder::new()
             .layer(self.limit.clone())
             .layer(timeout(TimeoutKind::Request))
             .layer(InjectKeyLayer::new(self.policy.clone()))
@@ -180,8 +195,7 @@ impl DestinationPolicy {
                 self.breakers.clone(),
                 self.policy.clone(),
             ))
-            .service(client);
-        BoxCloneSyncService::new(stack)
+            .service(client)
     }
 
     /// The server-side stack in front of the app: the caller's deadline (`x-meshlet-deadline-ms` or

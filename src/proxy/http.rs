@@ -188,7 +188,7 @@ async fn forward(
     } else if ctx.version == Version::Http1 && is_websocket_upgrade(req.headers()) {
         websocket(ctx, dst, via, req).await
     } else if let Some(policies) = ctx.inputs.mesh.table().policies(dst).cloned() {
-        with_policies(ctx, dst, &policies, req).await
+        with_policies(ctx, &policies, req).await
     } else if via.is_some() {
         to_peer_sidecar(ctx, dst, req).await
     } else {
@@ -214,7 +214,7 @@ async fn to_virtual(
     let own_connection =
         tunnel || (ctx.version == Version::Http1 && is_websocket_upgrade(req.headers()));
     if !own_connection {
-        return with_policies(ctx, dst, &service.policies, req).await;
+        return with_policies(ctx, &service.policies, req).await;
     }
     let endpoint = service
         .policies
@@ -297,11 +297,14 @@ async fn inbound(
 /// injection, retries, balancing across its endpoints, circuit breaking) to the chosen endpoint.
 async fn with_policies(
     ctx: &ConnContext,
-    dst: SocketAddr,
     policies: &ServicePolicies,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
-    let mut req = endpoint_form(req, dst)?;
+    let (mut parts, body) = req.into_parts();
+    // The URI stays as it came: the balancer writes the chosen endpoint into it.
+    strip_hop_by_hop(&mut parts.headers, true);
+    set_host_if_missing(&mut parts.headers, &parts.uri);
+    let mut req = Request::from_parts(parts, body.map_err(Into::into).boxed());
     req.extensions_mut().insert(UpstreamClient {
         inputs: ctx.inputs.clone(),
         app_version: ctx.version,

@@ -76,25 +76,8 @@ impl MeshClient {
             .and_then(|map| map.get(&key).filter(|s| !s.is_closed()).cloned());
         let mut sender = match cached {
             Some(sender) => sender,
-            None => {
-                let tls = self.connect(endpoint, ALPN_MESH_H2).await?;
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(Duration::from_secs(30))
-                    .handshake(TokioIo::new(tls))
-                    .await
-                    .map_err(|e| ProxyError::UpstreamReset(endpoint.dial, e))?;
-                let dial = endpoint.dial;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(%dial, error = %e, "mesh h2 connection failed");
-                    }
-                });
-                if let Ok(mut map) = self.h2.lock() {
-                    map.insert(key, sender.clone());
-                }
-                sender
-            }
+            // Connecting is the rare path: boxed, so that its large future does not size every request's.
+            None => Box::pin(self.open_h2(endpoint, key)).await?,
         };
         sender.send_request(req).await.map_err(|e| {
             if e.is_user() {
@@ -103,6 +86,31 @@ impl MeshClient {
                 ProxyError::UpstreamReset(endpoint.dial, e)
             }
         })
+    }
+
+    /// Opens the shared HTTP/2 mTLS connection to an endpoint's sidecar and caches it under `key`.
+    async fn open_h2(
+        &self,
+        endpoint: &MeshedEndpoint,
+        key: (SocketAddr, SpiffeId),
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let tls = self.connect(endpoint, ALPN_MESH_H2).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| ProxyError::UpstreamReset(endpoint.dial, e))?;
+        let dial = endpoint.dial;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%dial, error = %e, "mesh h2 connection failed");
+            }
+        });
+        if let Ok(mut map) = self.h2.lock() {
+            map.insert(key, sender.clone());
+        }
+        Ok(sender)
     }
 
     /// Opens a dedicated mTLS connection that carries `header`'s protocol to `header.port` on the peer pod.

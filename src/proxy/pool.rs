@@ -128,7 +128,8 @@ impl Pool {
                 },
             }
         }
-        let mut sender = self.connect_http1(dst, false).await?;
+        // Connecting is the rare path: boxed, so that its large future does not size every request's.
+        let mut sender = Box::pin(self.connect_http1(dst, false)).await?;
         let rsp = sender
             .send_request(req)
             .await
@@ -166,7 +167,7 @@ impl Pool {
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut sender = match self.cached_http2(dst) {
             Some(sender) => sender,
-            None => self.connect_http2_once(dst).await?,
+            None => Box::pin(self.connect_http2_once(dst)).await?,
         };
         sender.send_request(req).await.map_err(|e| classify(dst, e))
     }

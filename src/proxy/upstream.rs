@@ -10,8 +10,10 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
 
@@ -19,7 +21,7 @@ use super::error::ProxyError;
 use super::mesh::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
 use super::pool::Version;
 use super::{Body, Inputs};
-use crate::policy::{Classify, FailureKind};
+use crate::policy::{Classify, Deadline, FailureKind};
 
 /// The future of the data path's last hops.
 pub type HopFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
@@ -59,27 +61,33 @@ impl UpstreamClient {
                 "upstream request without an endpoint address",
             ))?;
         let timeout = self.inputs.config.response_timeout;
+        // Under a policy stack the request's own deadline is enforced above: no second timer.
+        let bounded = req.extensions().get::<Deadline>().is_some();
         let path = req
             .uri()
             .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let sent = match self.inputs.meshed(dst) {
             Some(endpoint) => {
                 let Some(mesh) = &self.inputs.mesh_client else {
                     return Err(ProxyError::TlsConfig("no identity".into()));
                 };
-                let authority = req
-                    .headers_mut()
-                    .remove(header::HOST)
-                    .and_then(|h| h.to_str().ok().map(str::to_owned))
-                    .unwrap_or_else(|| dst.to_string());
-                *req.uri_mut() =
-                    Uri::try_from(format!("http://{authority}{path}")).map_err(|_| {
-                        ProxyError::MalformedRequest(
-                            "request authority is not a valid URI authority",
-                        )
-                    })?;
+                let authority = match req.headers_mut().remove(header::HOST) {
+                    Some(host) => Authority::try_from(host.as_bytes()),
+                    None => Authority::try_from(dst.to_string()),
+                };
+                let uri = authority.ok().and_then(|authority| {
+                    Uri::builder()
+                        .scheme(Scheme::HTTP)
+                        .authority(authority)
+                        .path_and_query(path)
+                        .build()
+                        .ok()
+                });
+                *req.uri_mut() = uri.ok_or(ProxyError::MalformedRequest(
+                    "request authority is not a valid URI authority",
+                ))?;
                 if self.app_version == Version::Http1 {
                     req.headers_mut()
                         .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
@@ -87,20 +95,37 @@ impl UpstreamClient {
                 req.headers_mut()
                     .insert(TARGET_PORT_HEADER, HeaderValue::from(dst.port()));
                 *req.version_mut() = http::Version::HTTP_2;
-                tokio::time::timeout(timeout, mesh.send(&endpoint, req))
+                within(timeout, bounded, mesh.send(&endpoint, req))
                     .await
                     .map(|sent| sent.map(|rsp| rsp.map(|body| body.map_err(Into::into).boxed())))
             }
             None => {
                 if self.app_version == Version::Http1 {
-                    *req.uri_mut() = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+                    *req.uri_mut() = Uri::from(path);
                     *req.version_mut() = http::Version::HTTP_11;
                 }
-                tokio::time::timeout(timeout, self.inputs.pool.send(dst, self.app_version, req))
-                    .await
+                within(
+                    timeout,
+                    bounded,
+                    self.inputs.pool.send(dst, self.app_version, req),
+                )
+                .await
             }
         };
         sent.map_err(|_| ProxyError::ResponseTimeout(dst, timeout))?
+    }
+}
+
+/// `send` within `timeout`, unless the request is `bounded` by a deadline enforced elsewhere.
+async fn within<F: Future>(
+    timeout: Duration,
+    bounded: bool,
+    send: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    if bounded {
+        Ok(send.await)
+    } else {
+        tokio::time::timeout(timeout, send).await
     }
 }
 
@@ -128,10 +153,14 @@ impl tower::Service<Request<Body>> for AppClient {
         let this = self.clone();
         Box::pin(async move {
             let timeout = this.inputs.config.response_timeout;
-            let rsp =
-                tokio::time::timeout(timeout, this.inputs.pool.send(this.dst, this.version, req))
-                    .await
-                    .map_err(|_| ProxyError::ResponseTimeout(this.dst, timeout))??;
+            let bounded = req.extensions().get::<Deadline>().is_some();
+            let rsp = within(
+                timeout,
+                bounded,
+                this.inputs.pool.send(this.dst, this.version, req),
+            )
+            .await
+            .map_err(|_| ProxyError::ResponseTimeout(this.dst, timeout))??;
             Ok(rsp.map(|body| body.map_err(Into::into).boxed()))
         })
     }

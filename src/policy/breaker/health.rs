@@ -99,22 +99,20 @@ impl BreakerTable {
 
     /// True when a request sent to `addr` now would be admitted (without admitting it).
     pub fn is_available(&self, addr: &SocketAddr) -> bool {
-        let now = Instant::now();
         match self.lock().get(addr).map(|h| h.state) {
             None | Some(State::Closed { .. }) => true,
-            Some(State::Open { until }) => now >= until,
+            Some(State::Open { until }) => Instant::now() >= until,
             Some(State::HalfOpen { probing }) => !probing,
         }
     }
 
     /// Lets a request to `addr` through, or refuses it while the endpoint is ejected or its probe is out.
     pub fn admit(&self, addr: &SocketAddr) -> Option<Admission> {
-        let now = Instant::now();
         let mut table = self.lock();
         let health = table.entry(*addr).or_default();
         match health.state {
             State::Closed { .. } => Some(Admission::Normal),
-            State::Open { until } if now >= until => {
+            State::Open { until } if Instant::now() >= until => {
                 health.state = State::HalfOpen { probing: true };
                 drop(table);
                 self.transition(addr, "half-open", 2);

@@ -9,18 +9,21 @@
 pub mod health;
 mod layer;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use http::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
 use tower::Service;
 
 pub use health::{Admission, BreakerTable};
 pub use layer::CircuitBreakerLayer;
 
 use crate::policy::config::Breaker as BreakerConfig;
-use crate::policy::{oneshot, proxy_response, Body, ProxyReason, SharedPolicy};
+use crate::policy::{proxy_response, Body, ProxyReason, SharedPolicy};
 
 /// Request extension: the endpoint chosen for this attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,8 +53,8 @@ pub struct CircuitBreaker<S> {
     policy: SharedPolicy,
 }
 
-/// Records a failure if the attempt is dropped before its outcome is known.
-struct Outcome {
+/// An admitted attempt's record; a failure if the attempt is dropped before its outcome is known.
+pub struct Outcome {
     table: Arc<BreakerTable>,
     addr: SocketAddr,
     admission: Admission,
@@ -89,26 +92,26 @@ fn is_failure(resp: &Response<Body>) -> bool {
 
 impl<S, E> Service<Request<Body>> for CircuitBreaker<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = E> + Clone + Send + 'static,
-    S::Future: Send,
-    E: Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = E>,
 {
     type Response = Response<Body>;
     type Error = E;
-    type Future = crate::policy::ResponseFuture<E>;
+    type Future = ResponseFuture<S::Future>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), E>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let inner = self.inner.clone();
         let Some(addr) = Endpoint::of(&req) else {
-            return oneshot(inner, req);
+            return ResponseFuture::Called {
+                inner: self.inner.call(req),
+                outcome: None,
+            };
         };
         let config = self.policy.for_request(&mut req).breaker.clone();
         let Some(admission) = self.table.admit(&addr) else {
-            return Box::pin(async { Ok(proxy_response(ProxyReason::CircuitOpen)) });
+            return ResponseFuture::Open;
         };
         let outcome = Outcome {
             table: self.table.clone(),
@@ -117,10 +120,40 @@ where
             config,
             recorded: false,
         };
-        Box::pin(async move {
-            let result = oneshot(inner, req).await;
-            outcome.record(matches!(&result, Ok(resp) if !is_failure(resp)));
-            result
-        })
+        ResponseFuture::Called {
+            inner: self.inner.call(req),
+            outcome: Some(outcome),
+        }
+    }
+}
+
+pin_project! {
+    /// The inner response, its outcome recorded; or 503 `circuit-open` at once.
+    #[project = ResponseFutureProj]
+    pub enum ResponseFuture<F> {
+        /// Sent on; the outcome is recorded when it is known (a drop counts as a failure).
+        Called { #[pin] inner: F, outcome: Option<Outcome> },
+        /// The endpoint is ejected.
+        Open,
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseFutureProj::Called { inner, outcome } => {
+                let result = ready!(inner.poll(cx));
+                if let Some(outcome) = outcome.take() {
+                    outcome.record(matches!(&result, Ok(resp) if !is_failure(resp)));
+                }
+                Poll::Ready(result)
+            }
+            ResponseFutureProj::Open => Poll::Ready(Ok(proxy_response(ProxyReason::CircuitOpen))),
+        }
     }
 }

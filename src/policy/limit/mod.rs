@@ -8,12 +8,15 @@
 
 mod layer;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use http::{Request, Response};
-use tokio::sync::Semaphore;
+use pin_project_lite::pin_project;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::Service;
 
 pub use layer::ConcurrencyLimitLayer;
@@ -98,44 +101,82 @@ where
 {
     type Response = Response<Body>;
     type Error = E;
-    type Future = crate::policy::ResponseFuture<E>;
+    type Future = ResponseFuture<S::Future, E>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), E>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
         // Readiness is a slot, taken in `call` so that a full limit answers 503 instead of stalling.
-        Poll::Ready(Ok(()))
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let limits = self.state.policy.for_request(&mut req).limits.clone();
-        let state = self.state.clone();
+        let max_pending = self.state.policy.for_request(&mut req).limits.max_pending;
+        let state = &self.state;
         state.resize(state.policy.current().default.limits.max_concurrent);
-        let inner = self.inner.clone();
-        let permit = match state.slots.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(tokio::sync::TryAcquireError::Closed) => None,
+        match state.slots.clone().try_acquire_owned() {
+            // The common case: a slot at once, and the inner call without a box of its own.
+            Ok(permit) => ResponseFuture::Running {
+                inner: self.inner.call(req),
+                permit: Some(permit),
+            },
+            Err(tokio::sync::TryAcquireError::Closed) => ResponseFuture::Other {
+                future: Box::pin(async { Ok(proxy_response(ProxyReason::Overloaded)) }),
+            },
             Err(tokio::sync::TryAcquireError::NoPermits) => {
-                if state.pending.fetch_add(1, Ordering::Relaxed) >= limits.max_pending {
+                if state.pending.fetch_add(1, Ordering::Relaxed) >= max_pending {
                     state.pending.fetch_sub(1, Ordering::Relaxed);
                     state.reject();
-                    return Box::pin(async { Ok(proxy_response(ProxyReason::Overloaded)) });
+                    return ResponseFuture::Other {
+                        future: Box::pin(async { Ok(proxy_response(ProxyReason::Overloaded)) }),
+                    };
                 }
-                None
+                let state = state.clone();
+                let inner = self.inner.clone();
+                ResponseFuture::Other {
+                    future: Box::pin(async move {
+                        let permit = {
+                            let _pending = PendingGuard(&state.pending);
+                            match state.slots.clone().acquire_owned().await {
+                                Ok(permit) => permit,
+                                Err(_) => return Ok(proxy_response(ProxyReason::Overloaded)),
+                            }
+                        };
+                        let resp = oneshot(inner, req).await?;
+                        Ok(resp.map(|body| with_guard(body, permit)))
+                    }),
+                }
             }
-        };
-        Box::pin(async move {
-            let permit = match permit {
-                Some(permit) => permit,
-                None => {
-                    let _pending = PendingGuard(&state.pending);
-                    match state.slots.clone().acquire_owned().await {
-                        Ok(permit) => permit,
-                        Err(_) => return Ok(proxy_response(ProxyReason::Overloaded)),
-                    }
-                }
-            };
-            let resp = oneshot(inner, req).await?;
-            Ok(resp.map(|body| with_guard(body, permit)))
-        })
+        }
+    }
+}
+
+pin_project! {
+    /// The response of a request that got a slot at once, or of one that queued or was refused.
+    #[project = ResponseFutureProj]
+    pub enum ResponseFuture<F, E> {
+        /// Holding a slot; the slot moves into the response body.
+        Running { #[pin] inner: F, permit: Option<OwnedSemaphorePermit> },
+        /// Queued for a slot, or refused.
+        Other { future: crate::policy::ResponseFuture<E> },
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F, E>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseFutureProj::Running { inner, permit } => {
+                let resp = ready!(inner.poll(cx))?;
+                Poll::Ready(Ok(match permit.take() {
+                    Some(permit) => resp.map(|body| with_guard(body, permit)),
+                    None => resp,
+                }))
+            }
+            ResponseFutureProj::Other { future } => future.as_mut().poll(cx),
+        }
     }
 }
 
