@@ -160,34 +160,42 @@ impl Endpoints {
                 return Some(home.clone());
             }
         }
-        let mut rng = rand::rng();
-        // The common case first: two distinct endpoints at random, both available.
-        if all.len() >= 2 {
-            let a = rng.random_range(0..all.len());
-            let b = (a + rng.random_range(1..all.len())) % all.len();
-            let (a, b) = (&all[a], &all[b]);
-            if self.breakers.is_available(&a.addr) && self.breakers.is_available(&b.addr) {
-                return Some(if a.cost() <= b.cost() { a } else { b }.clone());
-            }
-        }
-        let available = |e: &&Arc<EndpointLoad>| self.breakers.is_available(&e.addr);
-        let n = all.iter().filter(available).count();
-        if n == 0 {
-            // Every endpoint is ejected: any one, so that the breaker below answers `circuit-open`.
+        if all.len() == 1 {
+            // Available or not: an ejected single endpoint is refused by the breaker below.
             return all.first().cloned();
         }
-        let nth = |i: usize| all.iter().filter(available).nth(i);
-        let a = rng.random_range(0..n);
-        let chosen = if n == 1 {
-            nth(a)
-        } else {
-            let b = (a + rng.random_range(1..n)) % n;
-            match (nth(a), nth(b)) {
-                (Some(a), Some(b)) => Some(if a.cost() <= b.cost() { a } else { b }),
-                (a, b) => a.or(b),
+        let mut rng = rand::rng();
+        let available = |e: &Arc<EndpointLoad>| self.breakers.is_available(&e.addr);
+        // The common case first, without allocating: two endpoints at random, both available.
+        if let Some((a, b)) = two_of(&mut rng, all.len()) {
+            if available(&all[a]) && available(&all[b]) {
+                return Some(cheaper(&all[a], &all[b]).clone());
             }
-        };
-        chosen.cloned()
+        }
+        let pool: Vec<&Arc<EndpointLoad>> = all.iter().filter(|e| available(e)).collect();
+        match two_of(&mut rng, pool.len()) {
+            Some((a, b)) => Some(cheaper(pool[a], pool[b]).clone()),
+            // One available endpoint, or none: then any, so that the breaker answers `circuit-open`.
+            None => pool.first().copied().or(all.first()).cloned(),
+        }
+    }
+}
+
+/// Two distinct random indices below `n`, when there are two.
+fn two_of(rng: &mut impl Rng, n: usize) -> Option<(usize, usize)> {
+    if n < 2 {
+        return None;
+    }
+    let a = rng.random_range(0..n);
+    Some((a, (a + rng.random_range(1..n)) % n))
+}
+
+/// The endpoint with the lower cost (the first on a tie).
+fn cheaper<'a>(a: &'a Arc<EndpointLoad>, b: &'a Arc<EndpointLoad>) -> &'a Arc<EndpointLoad> {
+    if a.cost() <= b.cost() {
+        a
+    } else {
+        b
     }
 }
 

@@ -300,11 +300,8 @@ async fn with_policies(
     policies: &ServicePolicies,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
-    let (mut parts, body) = req.into_parts();
     // The URI stays as it came: the balancer writes the chosen endpoint into it.
-    strip_hop_by_hop(&mut parts.headers, true);
-    set_host_if_missing(&mut parts.headers, &parts.uri);
-    let mut req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+    let mut req = forwarded(req);
     req.extensions_mut().insert(UpstreamClient {
         inputs: ctx.inputs.clone(),
         app_version: ctx.version,
@@ -397,16 +394,23 @@ async fn to_peer_sidecar(
     Ok(downstream(ctx, rsp))
 }
 
-/// The request as [`UpstreamClient`] takes it: hop-by-hop headers removed, the original authority in
-/// `Host`, and the endpoint's address in the URI (where the balancer may replace it).
-fn endpoint_form(req: Request<Incoming>, dst: SocketAddr) -> Result<Request<Body>, ProxyError> {
+/// The request with hop-by-hop headers removed and the original authority in `Host`, ready for a policy
+/// stack or [`UpstreamClient`].
+fn forwarded(req: Request<Incoming>) -> Request<Body> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, true);
     set_host_if_missing(&mut parts.headers, &parts.uri);
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = Uri::try_from(format!("http://{dst}{path}"))
+    Request::from_parts(parts, body.map_err(Into::into).boxed())
+}
+
+/// The request as [`UpstreamClient`] takes it without a balancer: [`forwarded`], with the endpoint's
+/// address in the URI.
+fn endpoint_form(req: Request<Incoming>, dst: SocketAddr) -> Result<Request<Body>, ProxyError> {
+    let mut req = forwarded(req);
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    *req.uri_mut() = Uri::try_from(format!("http://{dst}{path}"))
         .map_err(|_| ProxyError::MalformedRequest("request target is not a valid path"))?;
-    Ok(Request::from_parts(parts, body.map_err(Into::into).boxed()))
+    Ok(req)
 }
 
 /// The upstream's response as the client gets it: hop-by-hop headers removed, the client's HTTP version.

@@ -118,20 +118,16 @@ where
                 inner: self.inner.call(req),
                 permit: Some(permit),
             },
-            Err(tokio::sync::TryAcquireError::Closed) => ResponseFuture::Other {
-                future: Box::pin(async { Ok(proxy_response(ProxyReason::Overloaded)) }),
-            },
+            Err(tokio::sync::TryAcquireError::Closed) => ResponseFuture::Overloaded,
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 if state.pending.fetch_add(1, Ordering::Relaxed) >= max_pending {
                     state.pending.fetch_sub(1, Ordering::Relaxed);
                     state.reject();
-                    return ResponseFuture::Other {
-                        future: Box::pin(async { Ok(proxy_response(ProxyReason::Overloaded)) }),
-                    };
+                    return ResponseFuture::Overloaded;
                 }
                 let state = state.clone();
                 let inner = self.inner.clone();
-                ResponseFuture::Other {
+                ResponseFuture::Queued {
                     future: Box::pin(async move {
                         let permit = {
                             let _pending = PendingGuard(&state.pending);
@@ -150,13 +146,15 @@ where
 }
 
 pin_project! {
-    /// The response of a request that got a slot at once, or of one that queued or was refused.
+    /// The response of a request that got a slot at once, or of one that queued; or 503 `overloaded`.
     #[project = ResponseFutureProj]
     pub enum ResponseFuture<F, E> {
         /// Holding a slot; the slot moves into the response body.
         Running { #[pin] inner: F, permit: Option<OwnedSemaphorePermit> },
-        /// Queued for a slot, or refused.
-        Other { future: crate::policy::ResponseFuture<E> },
+        /// Waiting for a slot, then sent.
+        Queued { future: crate::policy::ResponseFuture<E> },
+        /// Refused: the pending queue is full.
+        Overloaded,
     }
 }
 
@@ -175,7 +173,10 @@ where
                     None => resp,
                 }))
             }
-            ResponseFutureProj::Other { future } => future.as_mut().poll(cx),
+            ResponseFutureProj::Queued { future } => future.as_mut().poll(cx),
+            ResponseFutureProj::Overloaded => {
+                Poll::Ready(Ok(proxy_response(ProxyReason::Overloaded)))
+            }
         }
     }
 }
