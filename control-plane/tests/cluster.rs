@@ -103,27 +103,11 @@ struct FakeApiServer {
 }
 
 async fn start_fake_api_server() -> FakeApiServer {
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_params = ca_params("fake kube-apiserver CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let ca = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = server_params(vec!["127.0.0.1".to_string()])
-        .signed_by(&key, &ca)
-        .unwrap();
-    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let LoopbackTls {
+        listener,
+        acceptor,
+        ca_der,
+    } = loopback_tls().await;
     let addr = listener.local_addr().unwrap();
     let reviews = Arc::new(Mutex::new(Vec::new()));
     let seen = reviews.clone();
@@ -148,7 +132,7 @@ async fn start_fake_api_server() -> FakeApiServer {
     });
     FakeApiServer {
         addr,
-        ca_der: ca_cert.der().clone(),
+        ca_der,
         reviews,
     }
 }

@@ -15,8 +15,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 
 /// A watchable collection: its recorded list and every watch event since, by resourceVersion.
@@ -55,28 +54,11 @@ fn collections_of(kind: &str, namespace: &str) -> [String; 2] {
 impl FakeApiServer {
     /// Serves these recorded lists (`(collection path, list JSON)`).
     pub async fn start(lists: &[(&str, &str)]) -> FakeApiServer {
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::default();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let ca = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = params.signed_by(&key, &ca).unwrap();
-        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let super::LoopbackTls {
+            listener,
+            acceptor,
+            ca_der,
+        } = super::loopback_tls().await;
         let addr = listener.local_addr().unwrap();
         let collections: Arc<HashMap<_, _>> = Arc::new(
             lists
@@ -95,7 +77,7 @@ impl FakeApiServer {
         );
         let server = FakeApiServer {
             addr,
-            ca_der: ca_cert.der().clone(),
+            ca_der,
             collections: collections.clone(),
             events: Arc::default(),
             requests: Arc::default(),

@@ -359,3 +359,42 @@ pub async fn certified_channel(
     store.replace(manager.request().await.unwrap());
     meshlet::control_plane::ControlPlaneClient::new(settings, store).unwrap()
 }
+
+/// A TLS listener on loopback whose certificate (for `127.0.0.1`) comes from a CA of its own, for the fake
+/// Kubernetes API servers: clients trust `ca_der`.
+pub struct LoopbackTls {
+    pub listener: tokio::net::TcpListener,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub ca_der: CertificateDer<'static>,
+}
+
+/// Binds a [`LoopbackTls`] on a free port.
+pub async fn loopback_tls() -> LoopbackTls {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        )),
+    )
+    .unwrap();
+    LoopbackTls {
+        listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        ca_der: ca_cert.der().clone(),
+    }
+}
