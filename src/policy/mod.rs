@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
 pub use config::{Policy, PolicyFile, ServicePolicy, SharedPolicy};
@@ -50,6 +50,18 @@ pub const ATTEMPTS_HEADER: &str = "x-meshlet-attempts";
 /// Remaining deadline in milliseconds, propagated upstream on plain HTTP requests so that a nested call never
 /// outlives its caller. An inbound request carrying it has its request timeout shortened to it.
 pub const DEADLINE_HEADER: &str = "x-meshlet-deadline-ms";
+
+/// [`ATTEMPTS_HEADER`] as a header name: written on every response, so not parsed every time.
+pub(crate) const ATTEMPTS: HeaderName = HeaderName::from_static(ATTEMPTS_HEADER);
+
+/// The value of [`ATTEMPTS_HEADER`]; the counts a policy allows (at most 10) need no allocation.
+pub(crate) fn attempts_value(n: u32) -> HeaderValue {
+    const COUNTS: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+    match COUNTS.get(n as usize) {
+        Some(count) => HeaderValue::from_static(count),
+        None => HeaderValue::from(n),
+    }
+}
 
 /// What went wrong with an attempt, as far as retrying and circuit breaking care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

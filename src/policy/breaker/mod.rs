@@ -109,7 +109,9 @@ where
                 outcome: None,
             };
         };
-        let config = self.policy.for_request(&mut req).breaker.clone();
+        let config = self
+            .policy
+            .read_for_request(&mut req, |p| p.breaker.clone());
         let Some(admission) = self.table.admit(&addr) else {
             return ResponseFuture::Open;
         };

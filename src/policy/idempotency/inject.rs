@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Method, Request};
 use tower::Service;
 
-use super::IDEMPOTENCY_KEY;
+use super::KEY_HEADER;
 use crate::policy::{Body, SharedPolicy};
 
 /// Adds an `Idempotency-Key` to unkeyed POST and PATCH requests when `idempotency.inject` is on.
@@ -37,12 +37,14 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> S::Future {
-        let inject = self.policy.for_request(&mut req).idempotency.inject;
+        let inject = self
+            .policy
+            .read_for_request(&mut req, |p| p.idempotency.inject);
         if inject
             && matches!(*req.method(), Method::POST | Method::PATCH)
-            && !req.headers().contains_key(IDEMPOTENCY_KEY)
+            && !req.headers().contains_key(KEY_HEADER)
         {
-            req.headers_mut().insert(IDEMPOTENCY_KEY, fresh_key());
+            req.headers_mut().insert(KEY_HEADER, fresh_key());
         }
         self.inner.call(req)
     }

@@ -24,6 +24,9 @@ pub use store::{DedupStore, StoredResponse};
 /// The request header.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
+/// [`IDEMPOTENCY_KEY`] as a header name, for the lookups every request makes.
+pub(crate) const KEY_HEADER: http::HeaderName = http::HeaderName::from_static(IDEMPOTENCY_KEY);
+
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 255;
 

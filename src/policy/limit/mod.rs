@@ -30,6 +30,8 @@ pub struct LimitState {
     slots: Arc<Semaphore>,
     /// Slots the semaphore was sized for, to resize it when the policy changes.
     sized_for: Mutex<usize>,
+    /// The same, read without the lock by every request to see whether the policy changed.
+    sized: AtomicUsize,
     pending: AtomicUsize,
     policy: SharedPolicy,
     metrics: PolicyMetrics,
@@ -42,6 +44,7 @@ impl LimitState {
         LimitState {
             slots: Arc::new(Semaphore::new(max)),
             sized_for: Mutex::new(max),
+            sized: AtomicUsize::new(max),
             pending: AtomicUsize::new(0),
             policy,
             metrics,
@@ -51,6 +54,9 @@ impl LimitState {
 
     /// Grows or shrinks the semaphore to the current policy's `max_concurrent`.
     fn resize(&self, want: usize) {
+        if self.sized.load(Ordering::Relaxed) == want {
+            return;
+        }
         let mut have = crate::policy::lock(&self.sized_for);
         if want > *have {
             self.slots.add_permits(want - *have);
@@ -68,6 +74,7 @@ impl LimitState {
             }
         }
         *have = want;
+        self.sized.store(want, Ordering::Relaxed);
     }
 
     fn reject(&self) {
@@ -109,9 +116,16 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let max_pending = self.state.policy.for_request(&mut req).limits.max_pending;
+        let max_pending = self
+            .state
+            .policy
+            .read_for_request(&mut req, |p| p.limits.max_pending);
         let state = &self.state;
-        state.resize(state.policy.current().default.limits.max_concurrent);
+        state.resize(
+            state
+                .policy
+                .read_current(|p| p.default.limits.max_concurrent),
+        );
         match state.slots.clone().try_acquire_owned() {
             // The common case: a slot at once, and the inner call without a box of its own.
             Ok(permit) => ResponseFuture::Running {

@@ -2,27 +2,26 @@ use std::sync::Arc;
 
 use tower::Layer;
 
-use super::{budget::BudgetSlot, Retry};
+use super::{budget::BudgetSlot, Retry, RetryShared};
 use crate::policy::{PolicyMetrics, SharedPolicy};
 
 /// Retries failed attempts as the destination's policy allows. One layer per destination service: the retry
 /// budget is shared by every request to it.
 #[derive(Clone, Debug)]
 pub struct RetryLayer {
-    policy: SharedPolicy,
-    metrics: PolicyMetrics,
-    destination: Arc<str>,
-    budget: Arc<BudgetSlot>,
+    shared: Arc<RetryShared>,
 }
 
 impl RetryLayer {
     /// A layer for `destination` (the metric label).
     pub fn new(destination: &str, policy: SharedPolicy, metrics: PolicyMetrics) -> Self {
         RetryLayer {
-            policy,
-            metrics,
-            destination: Arc::from(destination),
-            budget: Arc::new(BudgetSlot::default()),
+            shared: Arc::new(RetryShared {
+                policy,
+                metrics,
+                destination: Arc::from(destination),
+                budget: BudgetSlot::default(),
+            }),
         }
     }
 }
@@ -33,10 +32,7 @@ impl<S> Layer<S> for RetryLayer {
     fn layer(&self, inner: S) -> Retry<S> {
         Retry {
             inner,
-            policy: self.policy.clone(),
-            metrics: self.metrics.clone(),
-            destination: self.destination.clone(),
-            budget: self.budget.clone(),
+            shared: self.shared.clone(),
         }
     }
 }

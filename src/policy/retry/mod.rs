@@ -15,25 +15,31 @@
 //! [`Attempts`] extension also learns N when the stack ends in an error.
 
 pub mod budget;
+mod future;
 mod layer;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use rand::Rng;
-use tokio::time::Instant;
 use tower::Service;
 
+pub use future::ResponseFuture;
 pub use layer::RetryLayer;
 
+use self::future::State;
+
 use self::budget::BudgetSlot;
-use crate::policy::body::{buffer_up_to, Buffered};
+use bytes::Bytes;
+use tower::util::Oneshot;
+
+use crate::policy::body::{buffer_up_to, Replayable};
 use crate::policy::config::{RetryOn, MAX_REPLAY_BODY_BYTES};
 use crate::policy::{
-    oneshot, proxy_response, Attempts, Body, Classify, Deadline, FailureKind, PolicyMetrics,
-    ProxyReason, SharedPolicy, ATTEMPTS_HEADER, ERROR_HEADER,
+    attempts_value, full_body, Attempts, Body, Classify, Deadline, FailureKind, PolicyMetrics,
+    ProxyReason, SharedPolicy, ATTEMPTS, ERROR_HEADER,
 };
 
 /// A `Retry-After` longer than this is not waited for when the request has no deadline.
@@ -43,21 +49,27 @@ const MAX_RETRY_AFTER_WITHOUT_DEADLINE: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug)]
 pub struct Retry<S> {
     inner: S,
+    shared: Arc<RetryShared>,
+}
+
+/// What every copy of one [`Retry`] shares, behind one reference count: tower clones a stack's layers for
+/// every request, and the retry future keeps a copy for its attempts.
+#[derive(Debug)]
+pub(crate) struct RetryShared {
     policy: SharedPolicy,
     metrics: PolicyMetrics,
     destination: Arc<str>,
-    budget: Arc<BudgetSlot>,
+    budget: BudgetSlot,
 }
 
 impl<S, E> Service<Request<Body>> for Retry<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = E> + Clone + Send + 'static,
-    S::Future: Send,
-    E: Classify + Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = E> + Clone,
+    E: Classify,
 {
     type Response = Response<Body>;
     type Error = E;
-    type Future = crate::policy::ResponseFuture<E>;
+    type Future = ResponseFuture<S>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), E>> {
         // Each attempt waits for the inner service's readiness itself.
@@ -65,87 +77,66 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let policy = self.policy.for_request(&mut req);
-        let budget = self
-            .budget
-            .get(&self.policy.current().default.retries.budget);
+        let shared = &self.shared;
+        let policy = shared.policy.for_request(&mut req);
+        let budget = shared
+            .policy
+            .read_current(|p| shared.budget.get(&p.default.retries.budget));
         budget::deposit(&budget);
-        let this = self.clone();
-        Box::pin(async move {
-            let attempts = req
-                .extensions()
-                .get::<Attempts>()
-                .cloned()
-                .unwrap_or_default();
-            let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
-            let retries = &policy.retries;
-            let safe = is_retry_safe(req.method(), req.headers());
-            let (parts, body) = req.into_parts();
-            let replay = if retries.max_attempts > 1 {
-                match buffer_up_to(body, MAX_REPLAY_BODY_BYTES).await {
-                    Ok(Buffered::Complete(replay)) => replay,
-                    Ok(Buffered::TooLarge(body)) => {
-                        this.metrics
-                            .body_too_large
-                            .with_label_values(&[&*this.destination])
-                            .inc();
-                        attempts.set(1);
-                        let outcome = oneshot(this.inner, Request::from_parts(parts, body)).await;
-                        return finish(outcome, 1);
-                    }
-                    Err(_) => return Ok(proxy_response(ProxyReason::BadRequestBody)),
-                }
-            } else {
-                attempts.set(1);
-                let outcome = oneshot(this.inner, Request::from_parts(parts, body)).await;
-                return finish(outcome, 1);
-            };
-            let mut attempt = 1;
-            loop {
-                attempts.set(attempt);
-                let req = Request::from_parts(parts.clone(), replay.body());
-                let outcome = oneshot(this.inner.clone(), req).await;
-                let Some(reason) = retry_reason(&outcome, safe, &retries.conditions) else {
-                    return finish(outcome, attempt);
-                };
-                if attempt >= retries.max_attempts {
-                    return finish(outcome, attempt);
-                }
-                let delay = match outcome.as_ref().ok().and_then(|r| retry_after(r.headers())) {
-                    Some(wait) => {
-                        if deadline.is_none() && wait > MAX_RETRY_AFTER_WITHOUT_DEADLINE {
-                            return finish(outcome, attempt);
-                        }
-                        wait
-                    }
-                    None => backoff(attempt, retries.backoff_base, retries.backoff_max),
-                };
-                if deadline.is_some_and(|d| Instant::now() + delay >= d) {
-                    return finish(outcome, attempt);
-                }
-                if !budget::withdraw(&budget) {
-                    this.metrics
-                        .budget_exhausted
-                        .with_label_values(&[&*this.destination])
-                        .inc();
-                    return finish(outcome, attempt);
-                }
-                this.metrics
-                    .retries
-                    .with_label_values(&[&*this.destination, reason.as_str()])
-                    .inc();
-                drop(outcome);
-                tokio::time::sleep(delay).await;
-                attempt += 1;
+        let attempts = req
+            .extensions()
+            .get::<Attempts>()
+            .cloned()
+            .unwrap_or_default();
+        let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
+        let safe = is_retry_safe(req.method(), req.headers());
+        let (parts, body) = req.into_parts();
+        let state = if policy.retries.max_attempts <= 1 {
+            attempts.set(1);
+            State::Attempt {
+                call: Oneshot::new(self.inner.clone(), Request::from_parts(parts, body)),
             }
-        })
+        } else if http_body::Body::is_end_stream(&body) {
+            // Nothing to read: the replay copy is the head alone.
+            attempts.set(1);
+            let first = Request::from_parts(parts.clone(), full_body(Bytes::new()));
+            return ResponseFuture {
+                state: State::Attempt {
+                    call: Oneshot::new(self.inner.clone(), first),
+                },
+                replay: Some((parts, Replayable::default())),
+                retry: self.clone(),
+                policy,
+                budget,
+                attempts,
+                deadline,
+                safe,
+                attempt: 1,
+            };
+        } else {
+            State::Buffering {
+                buffering: Box::pin(buffer_up_to(body, MAX_REPLAY_BODY_BYTES)),
+                parts: Some(parts),
+            }
+        };
+        ResponseFuture {
+            state,
+            replay: None,
+            retry: self.clone(),
+            policy,
+            budget,
+            attempts,
+            deadline,
+            safe,
+            attempt: 1,
+        }
     }
 }
 
 fn finish<E>(outcome: Result<Response<Body>, E>, attempts: u32) -> Result<Response<Body>, E> {
     outcome.map(|mut resp| {
         resp.headers_mut()
-            .insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
+            .insert(ATTEMPTS, attempts_value(attempts));
         resp
     })
 }
@@ -159,7 +150,7 @@ pub fn is_retry_safe(method: &Method, headers: &HeaderMap) -> bool {
         | Method::TRACE
         | Method::PUT
         | Method::DELETE => true,
-        _ => headers.contains_key(crate::policy::idempotency::IDEMPOTENCY_KEY),
+        _ => headers.contains_key(crate::policy::idempotency::KEY_HEADER),
     }
 }
 
@@ -237,6 +228,8 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::proxy_response;
+    use http::HeaderValue;
 
     #[derive(Debug)]
     struct Failure(FailureKind);

@@ -2,14 +2,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::{HeaderValue, Response};
+use http::Response;
 use pin_project_lite::pin_project;
 use std::sync::Arc;
 
-use prometheus::IntCounterVec;
 use tokio::time::Sleep;
 
-use crate::policy::{proxy_response, Attempts, Body, ProxyReason, ATTEMPTS_HEADER};
+use super::TimeoutShared;
+use crate::policy::{attempts_value, proxy_response, Attempts, Body, ProxyReason, ATTEMPTS};
 
 pin_project! {
     /// The inner response, or a 504 once the timer fires first.
@@ -19,7 +19,7 @@ pin_project! {
         #[pin]
         pub(super) sleep: Option<Sleep>,
         pub(super) reason: ProxyReason,
-        pub(super) counter: Option<(IntCounterVec, Arc<str>)>,
+        pub(super) counter: Option<Arc<TimeoutShared>>,
         pub(super) attempts: Option<Attempts>,
     }
 }
@@ -37,17 +37,20 @@ where
         }
         if let Some(sleep) = this.sleep.as_pin_mut() {
             if sleep.poll(cx).is_ready() {
-                if let Some((counter, destination)) = this.counter.take() {
+                if let Some(shared) = this.counter.take() {
                     let kind = match this.reason {
                         ProxyReason::PerTryTimeout => "per-try",
                         _ => "request",
                     };
-                    counter.with_label_values(&[&*destination, kind]).inc();
+                    shared
+                        .metrics
+                        .timeouts
+                        .with_label_values(&[&*shared.destination, kind])
+                        .inc();
                 }
                 let mut resp = proxy_response(*this.reason);
                 if let Some(n) = this.attempts.as_ref().map(Attempts::get).filter(|n| *n > 0) {
-                    resp.headers_mut()
-                        .insert(ATTEMPTS_HEADER, HeaderValue::from(n));
+                    resp.headers_mut().insert(ATTEMPTS, attempts_value(n));
                 }
                 return Poll::Ready(Ok(resp));
             }

@@ -2,16 +2,13 @@ use std::sync::Arc;
 
 use tower::Layer;
 
-use super::{Timeout, TimeoutKind};
+use super::{Timeout, TimeoutKind, TimeoutShared};
 use crate::policy::{PolicyMetrics, SharedPolicy};
 
 /// Applies the request or per-try timeout of a destination's policy.
 #[derive(Clone, Debug)]
 pub struct TimeoutLayer {
-    kind: TimeoutKind,
-    policy: SharedPolicy,
-    metrics: PolicyMetrics,
-    destination: Arc<str>,
+    shared: Arc<TimeoutShared>,
 }
 
 impl TimeoutLayer {
@@ -23,10 +20,12 @@ impl TimeoutLayer {
         metrics: PolicyMetrics,
     ) -> Self {
         TimeoutLayer {
-            kind,
-            policy,
-            metrics,
-            destination: Arc::from(destination),
+            shared: Arc::new(TimeoutShared {
+                kind,
+                policy,
+                metrics,
+                destination: Arc::from(destination),
+            }),
         }
     }
 }
@@ -37,10 +36,7 @@ impl<S> Layer<S> for TimeoutLayer {
     fn layer(&self, inner: S) -> Timeout<S> {
         Timeout {
             inner,
-            kind: self.kind,
-            policy: self.policy.clone(),
-            metrics: self.metrics.clone(),
-            destination: self.destination.clone(),
+            shared: self.shared.clone(),
         }
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use tokio::time::Instant;
 use tower::Service;
 
@@ -39,6 +39,13 @@ pub enum TimeoutKind {
 #[derive(Clone, Debug)]
 pub struct Timeout<S> {
     inner: S,
+    shared: Arc<TimeoutShared>,
+}
+
+/// What every copy of one [`Timeout`] shares, behind one reference count: tower clones a stack's layers
+/// for every request.
+#[derive(Debug)]
+pub(crate) struct TimeoutShared {
     kind: TimeoutKind,
     policy: SharedPolicy,
     metrics: PolicyMetrics,
@@ -58,14 +65,17 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let policy = self.policy.for_request(&mut req);
+        let (request_timeout, per_try_timeout) = self
+            .shared
+            .policy
+            .read_for_request(&mut req, |p| (p.timeouts.request, p.timeouts.per_try));
         let now = Instant::now();
         let outer = req.extensions().get::<Deadline>().map(|d| d.0);
         // `timer`: when this layer answers 504 itself. A per-try layer without `per_try` only propagates the
         // request deadline; the request layer's own timer enforces it.
-        let (deadline, timer, reason) = match self.kind {
+        let (deadline, timer, reason) = match self.shared.kind {
             TimeoutKind::Request => {
-                let mut deadline = now + policy.timeouts.request;
+                let mut deadline = now + request_timeout;
                 if let Some(callers) = caller_deadline(req.headers()) {
                     deadline = deadline.min(now + callers);
                 }
@@ -75,7 +85,7 @@ where
                 req.extensions_mut().insert(Deadline(deadline));
                 (Some(deadline), true, ProxyReason::RequestTimeout)
             }
-            TimeoutKind::PerTry => match (policy.timeouts.per_try.map(|d| now + d), outer) {
+            TimeoutKind::PerTry => match (per_try_timeout.map(|d| now + d), outer) {
                 (Some(per_try), Some(outer)) if per_try < outer => {
                     (Some(per_try), true, ProxyReason::PerTryTimeout)
                 }
@@ -86,18 +96,30 @@ where
         };
         // The request timeout may fire between attempts (during a backoff): its 504 still says how many
         // attempts were made, read from the handle the retry layer updates.
-        let attempts = match self.kind {
+        let attempts = match self.shared.kind {
             TimeoutKind::Request => Some(attempts_handle(&mut req)),
             TimeoutKind::PerTry => None,
         };
-        if let Some(deadline) = deadline {
+        // The request layer wrote the remaining time for the first attempt; a per-try layer rewrites it
+        // when its own deadline is the nearer one, and on every retry, when less time is left.
+        let rewrite = match self.shared.kind {
+            TimeoutKind::Request => true,
+            TimeoutKind::PerTry => {
+                reason == ProxyReason::PerTryTimeout
+                    || req
+                        .extensions()
+                        .get::<Attempts>()
+                        .is_none_or(|a| a.get() > 1)
+            }
+        };
+        if let Some(deadline) = deadline.filter(|_| rewrite) {
             propagate_deadline(req.headers_mut(), deadline.saturating_duration_since(now));
         }
         ResponseFuture {
             inner: self.inner.call(req),
             sleep: deadline.filter(|_| timer).map(tokio::time::sleep_until),
             reason,
-            counter: Some((self.metrics.timeouts.clone(), self.destination.clone())),
+            counter: timer.then(|| self.shared.clone()),
             attempts,
         }
     }
@@ -123,10 +145,10 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 /// The caller's own deadline, from `grpc-timeout` or [`DEADLINE_HEADER`]. Malformed values are ignored.
 fn caller_deadline(headers: &HeaderMap) -> Option<Duration> {
     let grpc = headers
-        .get("grpc-timeout")
+        .get(GRPC_TIMEOUT)
         .and_then(|v| parse_grpc_timeout(v.to_str().ok()?));
     let meshlet = headers
-        .get(DEADLINE_HEADER)
+        .get(DEADLINE)
         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
         .map(Duration::from_millis);
     match (grpc, meshlet) {
@@ -172,15 +194,19 @@ pub fn format_grpc_timeout(d: Duration) -> String {
 fn propagate_deadline(headers: &mut HeaderMap, remaining: Duration) {
     if is_grpc(headers) {
         if let Ok(v) = HeaderValue::from_str(&format_grpc_timeout(remaining)) {
-            headers.insert("grpc-timeout", v);
+            headers.insert(GRPC_TIMEOUT, v);
         }
     } else {
         headers.insert(
-            DEADLINE_HEADER,
+            DEADLINE,
             HeaderValue::from(remaining.as_millis().min(u64::MAX as u128) as u64),
         );
     }
 }
+
+/// The deadline headers as names, since every attempt writes one.
+const DEADLINE: HeaderName = HeaderName::from_static(DEADLINE_HEADER);
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 #[cfg(test)]
 mod tests {
@@ -267,5 +293,39 @@ mod tests {
             .unwrap()
             .to_bytes();
         assert_eq!(body, "300m");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_attempt_carries_the_time_left_not_the_first_attempts() {
+        let seen = service_fn(|req: Request<Body>| async move {
+            let left = req.headers()[DEADLINE_HEADER].to_str().unwrap().to_string();
+            Ok::<_, std::convert::Infallible>(Response::new(full_body(left.into())))
+        });
+        let per_try = layer(TimeoutKind::PerTry, 1000, None).layer(seen);
+        let deadline_left = |attempt: u32| {
+            let mut per_try = per_try.clone();
+            async move {
+                let mut req = Request::new(full_body("".into()));
+                // What the request layer wrote before the first attempt, 600 ms ago.
+                req.headers_mut()
+                    .insert(DEADLINE_HEADER, HeaderValue::from_static("1000"));
+                req.extensions_mut()
+                    .insert(Deadline(Instant::now() + Duration::from_millis(400)));
+                let attempts = Attempts::default();
+                attempts.set(attempt);
+                req.extensions_mut().insert(attempts);
+                let resp = tower::Service::call(&mut per_try, req).await.unwrap();
+                http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes()
+            }
+        };
+        assert_eq!(
+            deadline_left(1).await,
+            "1000",
+            "first attempt: already written"
+        );
+        assert_eq!(deadline_left(2).await, "400", "a retry: rewritten");
     }
 }
