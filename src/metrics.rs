@@ -40,9 +40,10 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Time from receiving a request to sending the response head.
     pub request_duration: HistogramVec,
-    /// Opaque TCP connections opened.
+    /// Opaque TCP connections opened, by direction, destination, whether they travelled over mTLS and the
+    /// peer sidecar's identity (as for requests).
     pub tcp_opened: IntCounterVec,
-    /// Opaque TCP connections closed.
+    /// Opaque TCP connections closed, with the labels of `tcp_opened`.
     pub tcp_closed: IntCounterVec,
     /// Opaque TCP connections open now.
     pub tcp_open: IntGaugeVec,
@@ -85,14 +86,14 @@ impl Metrics {
                 "meshlet_tcp_connections_opened_total",
                 "Opaque TCP connections opened",
             ),
-            &["direction", "destination"],
+            &["direction", "destination", "tls", "peer_identity"],
         )?;
         let tcp_closed = IntCounterVec::new(
             Opts::new(
                 "meshlet_tcp_connections_closed_total",
                 "Opaque TCP connections closed",
             ),
-            &["direction", "destination"],
+            &["direction", "destination", "tls", "peer_identity"],
         )?;
         let tcp_open = IntGaugeVec::new(
             Opts::new(

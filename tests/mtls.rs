@@ -205,6 +205,23 @@ async fn sidecars_speak_mtls_and_authorize_by_identity() {
         ),
         0.0
     );
+    // The opaque tunnel is counted as mTLS with the peer's identity on both sides.
+    assert!(
+        sum_metric(
+            &client_metrics,
+            "meshlet_tcp_connections_opened_total",
+            &["direction=\"outbound\"", "tls=\"true\"", &server_id]
+        ) >= 1.0,
+        "{client_metrics}"
+    );
+    assert!(
+        sum_metric(
+            &server_metrics,
+            "meshlet_tcp_connections_opened_total",
+            &["direction=\"inbound\"", "tls=\"true\"", &client_id]
+        ) >= 1.0,
+        "{server_metrics}"
+    );
 
     // The inbound port wants TLS 1.3 and a client certificate.
     let inbound = server_inbound.to_string();

@@ -457,18 +457,18 @@ async fn websocket(
         let upstream_upgrade = hyper::upgrade::on(&mut rsp);
         let inputs = ctx.inputs.clone();
         let direction = ctx.direction;
+        // The peer sidecar: the server's outbound through the mesh, the verified caller's inbound.
+        let peer = via.map(|v| v.identity.clone()).or_else(|| ctx.peer.clone());
         tokio::spawn(async move {
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client, upstream)) => {
-                    let label = dst.to_string();
-                    tcp::relay(
-                        &inputs,
+                    let destination = dst.to_string();
+                    let link = tcp::Link {
                         direction,
-                        &label,
-                        TokioIo::new(client),
-                        TokioIo::new(upstream),
-                    )
-                    .await;
+                        destination: &destination,
+                        peer: peer.as_ref(),
+                    };
+                    tcp::relay(&inputs, &link, TokioIo::new(client), TokioIo::new(upstream)).await;
                 }
                 Err(e) => debug!(%dst, error = %e, "websocket upgrade failed"),
             }
@@ -491,11 +491,18 @@ async fn connect_tunnel(
     let upstream = tcp::Upstream::connect(&ctx.inputs, dst, via).await?;
     let inputs = ctx.inputs.clone();
     let direction = ctx.direction;
+    let caller = ctx.peer.clone();
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(client) => {
                 upstream
-                    .relay(&inputs, direction, dst, TokioIo::new(client))
+                    .relay(
+                        &inputs,
+                        direction,
+                        dst,
+                        caller.as_ref(),
+                        TokioIo::new(client),
+                    )
                     .await
             }
             Err(e) => debug!(%dst, error = %e, "CONNECT upgrade failed"),

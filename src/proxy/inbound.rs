@@ -141,7 +141,11 @@ pub async fn serve_mesh(
             }
             match header.carried {
                 Carried::Tcp => match tcp::Upstream::connect(&inputs, app, None).await {
-                    Ok(upstream) => upstream.relay(&inputs, direction, app, tls).await,
+                    Ok(upstream) => {
+                        upstream
+                            .relay(&inputs, direction, app, peer.as_ref(), tls)
+                            .await
+                    }
                     Err(e) => {
                         debug!(%app, error = %e, "inbound connect failed");
                         inputs.metrics.proxy_error(direction, e.reason());

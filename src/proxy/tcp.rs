@@ -17,6 +17,7 @@ use super::transport::{Carried, TransportHeader};
 use super::Inputs;
 use crate::discovery::{MeshedEndpoint, VirtualPort};
 use crate::metrics::Direction;
+use crate::tls::SpiffeId;
 use tokio_rustls::client::TlsStream;
 
 /// Copy buffer per direction: large enough for bulk transfers, small enough for many idle connections.
@@ -61,7 +62,7 @@ pub async fn proxy(
             .with_label_values(&[direction.as_str(), &dst.to_string(), "to_upstream"])
             .inc_by(prefix.len() as u64);
     }
-    upstream.relay(inputs, direction, dst, client).await;
+    upstream.relay(inputs, direction, dst, None, client).await;
 }
 
 /// Endpoints tried for one connection to a virtual address before giving up: nothing was sent yet, so
@@ -95,8 +96,8 @@ async fn connect_virtual(
 pub enum Upstream {
     /// Straight to the destination.
     Plain(TcpStream),
-    /// To the destination's sidecar.
-    Mesh(Box<TlsStream<TcpStream>>),
+    /// To the destination's sidecar, which proved this identity.
+    Mesh(Box<TlsStream<TcpStream>>, SpiffeId),
 }
 
 impl Upstream {
@@ -112,7 +113,8 @@ impl Upstream {
                     port: dst.port(),
                     carried: Carried::Tcp,
                 };
-                Ok(Upstream::Mesh(Box::new(mesh.open(endpoint, header).await?)))
+                let tls = mesh.open(endpoint, header).await?;
+                Ok(Upstream::Mesh(Box::new(tls), endpoint.identity.clone()))
             }
             _ => Ok(Upstream::Plain(inputs.pool.connect_tcp(dst).await?)),
         }
@@ -121,20 +123,64 @@ impl Upstream {
     async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         match self {
             Upstream::Plain(s) => s.write_all(bytes).await,
-            Upstream::Mesh(s) => s.write_all(bytes).await,
+            Upstream::Mesh(s, _) => s.write_all(bytes).await,
         }
     }
 
-    /// Relays between `client` and this upstream until both sides are done.
-    pub async fn relay<C>(self, inputs: &Inputs, direction: Direction, dst: SocketAddr, client: C)
-    where
+    /// Relays between `client` and this upstream until both sides are done. `caller` is the verified
+    /// identity of an inbound mTLS client; outbound, the mesh upstream's identity is the peer.
+    pub async fn relay<C>(
+        self,
+        inputs: &Inputs,
+        direction: Direction,
+        dst: SocketAddr,
+        caller: Option<&SpiffeId>,
+        client: C,
+    ) where
         C: AsyncRead + AsyncWrite + Unpin,
     {
-        let label = dst.to_string();
+        let destination = dst.to_string();
         match self {
-            Upstream::Plain(s) => relay(inputs, direction, &label, client, s).await,
-            Upstream::Mesh(s) => relay(inputs, direction, &label, client, s).await,
+            Upstream::Plain(s) => {
+                let link = Link {
+                    direction,
+                    destination: &destination,
+                    peer: caller,
+                };
+                relay(inputs, &link, client, s).await
+            }
+            Upstream::Mesh(s, server) => {
+                let link = Link {
+                    direction,
+                    destination: &destination,
+                    peer: caller.or(Some(&server)),
+                };
+                relay(inputs, &link, client, s).await
+            }
         }
+    }
+}
+
+/// How a relayed connection is labelled in the metrics.
+pub struct Link<'a> {
+    /// Which listener it came through.
+    pub direction: Direction,
+    /// Where it goes (`ip:port`).
+    pub destination: &'a str,
+    /// The peer sidecar's verified identity: the server's outbound, the caller's inbound. Only mTLS
+    /// connections have one.
+    pub peer: Option<&'a SpiffeId>,
+}
+
+impl Link<'_> {
+    /// Labels of the connection counters: direction, destination, tls, peer identity.
+    fn labels(&self) -> [&str; 4] {
+        [
+            self.direction.as_str(),
+            self.destination,
+            if self.peer.is_some() { "true" } else { "false" },
+            self.peer.map_or("", |p| p.as_str()),
+        ]
     }
 }
 
@@ -142,14 +188,16 @@ impl Upstream {
 ///
 /// When one side finishes sending, the other side's write half is shut down and the other direction goes
 /// on (half-close), as `tokio::io::copy_bidirectional` does.
-pub async fn relay<C, U>(inputs: &Inputs, direction: Direction, label: &str, client: C, upstream: U)
+pub async fn relay<C, U>(inputs: &Inputs, link: &Link<'_>, client: C, upstream: U)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let metrics = &inputs.metrics;
+    let direction = link.direction;
     let dir = direction.as_str();
-    metrics.tcp_opened.with_label_values(&[dir, label]).inc();
+    let label = link.destination;
+    metrics.tcp_opened.with_label_values(&link.labels()).inc();
     let open = metrics.tcp_open.with_label_values(&[dir]);
     open.inc();
 
@@ -200,7 +248,7 @@ where
         }
     }
     open.dec();
-    metrics.tcp_closed.with_label_values(&[dir, label]).inc();
+    metrics.tcp_closed.with_label_values(&link.labels()).inc();
 }
 
 /// Counts the bytes read from the wrapped IO: for the idle check, and in the byte metric.
