@@ -103,7 +103,7 @@ impl WatchService {
         }
         let Some(PeerIdentity(peer)) = request.extensions().get::<PeerIdentity>() else {
             return self.refuse(
-                StatusCode::FORBIDDEN,
+                StatusCode::UNAUTHORIZED,
                 "no-client-certificate",
                 "the watch needs a mesh certificate: connect with the sidecar's identity".into(),
             );

@@ -74,10 +74,10 @@ async fn the_watch_streams_a_snapshot_then_deltas_to_callers_with_a_mesh_certifi
     let control = meshlet_control::start(config).await.unwrap();
     let settings = common::sidecar_settings(&control, WEB, "web-token");
 
-    // No certificate: refused with a JSON problem.
+    // No certificate: unauthenticated, as on every other mTLS endpoint, with a JSON problem.
     let anonymous = ControlPlaneClient::new(&settings, IdentityStore::new()).unwrap();
     let refused = anonymous.get(WATCH_PATH).await.unwrap();
-    assert_eq!(refused.status(), 403);
+    assert_eq!(refused.status(), 401);
     let body = refused.into_body().collect().await.unwrap().to_bytes();
     let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(problem["reason"], "no-client-certificate");
