@@ -176,6 +176,18 @@ def redirect_tcp_app_port():
               "-j", "REDIRECT", "--to-ports", str(base.MESHLET_OUTBOUND_PORT)])
 
 
+# `nginx-redirect` (a diagnostic row): the nginx pair's A reached like meshlet's client sidecar, through an
+# iptables REDIRECT from an app port of the origin, to separate the cost of the capture path (NAT, conntrack)
+# from the proxy's own.
+NGINX_REDIRECT_APP_PORT = 8085
+
+
+def redirect_nginx_app_port():
+    """Generator connections to NGINX_REDIRECT_APP_PORT go to nginx's A listener (its upstream is B, unmatched)."""
+    base.run(["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", ORIGIN_ADDR,
+              "--dport", str(NGINX_REDIRECT_APP_PORT), "-j", "REDIRECT", "--to-ports", str(A_PORTS["nginx"])])
+
+
 def count_syns_rules():
     """Counter-only iptables rules (no target) in the namespace: SYNs to each client-side and B port."""
     ports = set(CLIENT_PORTS.values()) | set(B_PORTS.values()) | set(A_TCP_PORTS.values()) | set(B_TCP_PORTS.values())
@@ -319,13 +331,20 @@ def start_nginx(bench):
     return Pair("127.0.0.1", A_PORTS["nginx"], procs[::-1], tcp=("127.0.0.1", A_TCP_PORTS["nginx"]))
 
 
+def start_nginx_redirect(bench):
+    """The nginx pair, its client connections captured by iptables on the way (see NGINX_REDIRECT_APP_PORT)."""
+    pair = start_nginx(bench)
+    pair.host, pair.port = ORIGIN_ADDR, NGINX_REDIRECT_APP_PORT
+    return pair
+
+
 def start_meshlet_base(bench):
     """The same pair from another meshlet binary (--meshlet-base), for a before/after in one run."""
     return start_meshlet(bench, bench.args.meshlet_base)
 
 
 SYSTEMS = {"direct": start_direct, "meshlet": start_meshlet, "envoy": start_envoy, "haproxy": start_haproxy,
-           "nginx": start_nginx, "meshlet-base": start_meshlet_base}
+           "nginx": start_nginx, "meshlet-base": start_meshlet_base, "nginx-redirect": start_nginx_redirect}
 
 
 def kind(name):
@@ -671,7 +690,8 @@ def verdict(results):
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, in this order each round")
+    p.add_argument("--systems", default=",".join(s for s in SYSTEMS if s != "nginx-redirect"),
+                   help="comma-separated, in this order each round (nginx-redirect: a diagnostic row, only when named)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=int, default=5, help="seconds of wrk saturation per system and round")
     p.add_argument("--connections", type=int, default=50, help="wrk connections")
@@ -764,6 +784,7 @@ def main():
             base.run(["sysctl", "-q", "-w", knob])
         count_syns_rules()
         redirect_tcp_app_port()
+        redirect_nginx_app_port()
         make_certs(bench.dir)
         bench.start_origin()
         if {"meshlet", "meshlet-base"} & set(systems):
