@@ -686,7 +686,7 @@ impl SharedPolicy {
         if let Some(RequestPolicy(p)) = req.extensions().get::<RequestPolicy>() {
             return read(p);
         }
-        read(&self.for_request(req))
+        read(&self.resolve(req))
     }
 
     /// The policy of this request, resolved once and cached in its extensions so that every layer agrees.
@@ -694,6 +694,11 @@ impl SharedPolicy {
         if let Some(RequestPolicy(p)) = req.extensions().get::<RequestPolicy>() {
             return p.clone();
         }
+        self.resolve(req)
+    }
+
+    /// Resolves the request's route policy and caches it (the request has none cached yet).
+    fn resolve<B>(&self, req: &mut http::Request<B>) -> Arc<Policy> {
         let policy = self
             .current()
             .for_request(req.method(), req.uri().path())

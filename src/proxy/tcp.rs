@@ -140,22 +140,15 @@ impl Upstream {
         C: AsyncRead + AsyncWrite + Unpin,
     {
         let destination = dst.to_string();
+        let link = |peer| Link {
+            direction,
+            destination: &destination,
+            peer,
+        };
         match self {
-            Upstream::Plain(s) => {
-                let link = Link {
-                    direction,
-                    destination: &destination,
-                    peer: caller,
-                };
-                relay(inputs, &link, client, s).await
-            }
+            Upstream::Plain(s) => relay(inputs, &link(caller), client, s).await,
             Upstream::Mesh(s, server) => {
-                let link = Link {
-                    direction,
-                    destination: &destination,
-                    peer: caller.or(Some(&server)),
-                };
-                relay(inputs, &link, client, s).await
+                relay(inputs, &link(caller.or(Some(&server))), client, s).await
             }
         }
     }

@@ -91,37 +91,30 @@ where
         let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
         let safe = is_retry_safe(req.method(), req.headers());
         let (parts, body) = req.into_parts();
-        let state = if policy.retries.max_attempts <= 1 {
+        let (state, replay) = if policy.retries.max_attempts <= 1 {
             attempts.set(1);
-            State::Attempt {
-                call: Oneshot::new(self.inner.clone(), Request::from_parts(parts, body)),
-            }
+            let call = Oneshot::new(self.inner.clone(), Request::from_parts(parts, body));
+            (State::Attempt { call }, None)
         } else if http_body::Body::is_end_stream(&body) {
             // Nothing to read: the replay copy is the head alone.
             attempts.set(1);
             let first = Request::from_parts(parts.clone(), full_body(Bytes::new()));
-            return ResponseFuture {
-                state: State::Attempt {
-                    call: Oneshot::new(self.inner.clone(), first),
-                },
-                replay: Some((parts, Replayable::default())),
-                retry: self.clone(),
-                policy,
-                budget,
-                attempts,
-                deadline,
-                safe,
-                attempt: 1,
-            };
+            let call = Oneshot::new(self.inner.clone(), first);
+            (
+                State::Attempt { call },
+                Some((parts, Replayable::default())),
+            )
         } else {
-            State::Buffering {
-                buffering: Box::pin(buffer_up_to(body, MAX_REPLAY_BODY_BYTES)),
+            let buffering = Box::pin(buffer_up_to(body, MAX_REPLAY_BODY_BYTES));
+            let state = State::Buffering {
+                buffering,
                 parts: Some(parts),
-            }
+            };
+            (state, None)
         };
         ResponseFuture {
             state,
-            replay: None,
+            replay,
             retry: self.clone(),
             policy,
             budget,
