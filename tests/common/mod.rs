@@ -34,43 +34,60 @@ impl Proxy {
     }
 
     /// Like [`Proxy::start`], with the inbound listener at a chosen address.
+    ///
+    /// A port from [`free_port`] is released before the proxy binds it, so another test may take it first:
+    /// the proxy then exits on the bind error, and it starts again on fresh outbound and admin ports.
     pub fn start_at(inbound: SocketAddr, extra: &[&str]) -> Proxy {
-        let outbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut defaults = vec!["--log", "meshlet=debug"];
-        if !extra.contains(&"--drain-delay") {
-            defaults.extend(["--drain-delay", "0s"]);
+        for _ in 0..3 {
+            let outbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let mut defaults = vec!["--log", "meshlet=debug"];
+            if !extra.contains(&"--drain-delay") {
+                defaults.extend(["--drain-delay", "0s"]);
+            }
+            let child = Command::new(MESHLET)
+                .arg("proxy")
+                .args(["--outbound-addr", &outbound.to_string()])
+                .args(["--inbound-addr", &inbound.to_string()])
+                .args(["--admin-addr", &admin.to_string()])
+                .args(&defaults)
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start meshlet proxy");
+            let mut proxy = Proxy {
+                child,
+                outbound,
+                inbound,
+                admin,
+            };
+            if proxy.wait_ready() {
+                return proxy;
+            }
         }
-        let child = Command::new(MESHLET)
-            .arg("proxy")
-            .args(["--outbound-addr", &outbound.to_string()])
-            .args(["--inbound-addr", &inbound.to_string()])
-            .args(["--admin-addr", &admin.to_string()])
-            .args(&defaults)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start meshlet proxy");
-        let proxy = Proxy {
-            child,
-            outbound,
-            inbound,
-            admin,
-        };
-        proxy.wait_ready();
-        proxy
+        panic!("proxy exited at start three times (ports taken?)");
     }
 
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    /// Waits for `/ready` to say 200; false when the proxy exited instead. The answer counts only while the
+    /// child still runs a moment later: a 200 from another test's proxy on a reused admin port must not
+    /// pass for this one, which then fails to bind and exits.
+    fn wait_ready(&mut self) -> bool {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(20);
         while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
             if let Ok(rsp) = raw_request(
                 self.admin,
                 b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
             ) {
                 if rsp.status == 200 {
-                    return;
+                    std::thread::sleep(
+                        Duration::from_millis(100).saturating_sub(started.elapsed()),
+                    );
+                    return self.child.try_wait().ok().flatten().is_none();
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
