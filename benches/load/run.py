@@ -244,8 +244,19 @@ def start_meshlet(bench, mesh_config=None, post=False, base=False):
 
     def after_load(sent):
         # The traffic must really have gone through meshlet (the redirect worked), not straight to the origin.
-        counted = metric_sum(http_get("127.0.0.1", MESHLET_ADMIN_PORT, "/metrics")[1].decode(),
-                             "meshlet_requests_total")
+        text = http_get("127.0.0.1", MESHLET_ADMIN_PORT, "/metrics")[1].decode()
+        counted = metric_sum(text, "meshlet_requests_total")
+        # Where responses were not 2xx, say which (meshlet's own counts), so a warning can be explained.
+        failed = {f"status {k}": v for k, v in metric_by_label(text, "meshlet_requests_total", "status_code").items()
+                  if not k.startswith("2")}
+        failed.update({f"error {k}": v
+                       for k, v in metric_by_label(text, "meshlet_proxy_errors_total", "reason").items()})
+        for name in ("meshlet_breaker_transitions_total", "meshlet_limit_rejections_total",
+                     "meshlet_timeouts_total", "meshlet_retries_total"):
+            if metric_sum(text, name):
+                failed[name] = metric_sum(text, name)
+        if failed:
+            print(f"  meshlet counted: {', '.join(f'{k} {v:.0f}' for k, v in sorted(failed.items()))}")
         if counted < sent:
             raise BenchError(f"meshlet counted {counted:.0f} requests but wrk completed {sent}: "
                              "traffic bypassed the proxy")
@@ -403,6 +414,8 @@ def measure(bench, name, start):
         oha(running.url, a.rate, a.rate_connections, a.warmup, post=running.post)
         lat = oha(running.url, a.rate, a.rate_connections, a.rate_duration, post=running.post)
         res.update(p50_us=lat["p50_us"], p99_us=lat["p99_us"], oha_rps=lat["rps"], oha_errors=lat["errors"])
+        if running.after_load and lat["errors"]:
+            running.after_load(sat["requests"])  # again: the proxy's own account of the phase's errors
 
         if running.proc:
             res["peak_rss_kib"] = proc_status_kib(running.proc.pid, "VmHWM")
@@ -686,6 +699,17 @@ def metric_sum(text, name):
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.rsplit(None, 1)[1])
     return total
+
+
+def metric_by_label(text, name, label):
+    """Sums of the samples of `name` by the value of `label`."""
+    sums = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            m = re.search(r'[{,]' + label + r'="([^"]*)"', line)
+            key = m.group(1) if m else ""
+            sums[key] = sums.get(key, 0.0) + float(line.rsplit(None, 1)[1])
+    return sums
 
 
 def find_envoy():

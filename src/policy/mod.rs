@@ -220,6 +220,12 @@ pub fn full_body(bytes: Bytes) -> Body {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline(pub tokio::time::Instant);
 
+/// The per-try deadline of one attempt, when it is nearer than the request's [`Deadline`]; set by the
+/// per-try timeout layer so that the circuit breaker can tell an attempt abandoned for being slow (a
+/// failure of the endpoint) from one abandoned because the caller went away (no verdict on the endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptDeadline(pub tokio::time::Instant);
+
 /// Request extension through which the caller of the stack learns how many attempts were made, also when
 /// the stack ends with an error rather than a response (the caller renders that error itself).
 #[derive(Debug, Clone, Default)]

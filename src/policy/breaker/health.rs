@@ -126,6 +126,19 @@ impl BreakerTable {
         }
     }
 
+    /// Forgets an admitted request that was cancelled before its outcome was known: a probe's slot goes to
+    /// the next request, and a closed endpoint's failure count stays as it was.
+    pub fn cancel(&self, addr: &SocketAddr, admission: Admission) {
+        if admission != Admission::Probe {
+            return;
+        }
+        if let Some(health) = self.lock().get_mut(addr) {
+            if let State::HalfOpen { probing: true } = health.state {
+                health.state = State::HalfOpen { probing: false };
+            }
+        }
+    }
+
     /// Records the outcome of an admitted request.
     pub fn record(
         &self,

@@ -23,7 +23,8 @@ pub use future::ResponseFuture;
 pub use layer::TimeoutLayer;
 
 use crate::policy::{
-    Attempts, Body, Deadline, PolicyMetrics, ProxyReason, SharedPolicy, DEADLINE_HEADER,
+    AttemptDeadline, Attempts, Body, Deadline, PolicyMetrics, ProxyReason, SharedPolicy,
+    DEADLINE_HEADER,
 };
 
 /// Which timeout a [`Timeout`] applies.
@@ -112,6 +113,9 @@ where
                         .is_none_or(|a| a.get() > 1)
             }
         };
+        if let Some(per_try) = deadline.filter(|_| reason == ProxyReason::PerTryTimeout) {
+            req.extensions_mut().insert(AttemptDeadline(per_try));
+        }
         if let Some(deadline) = deadline.filter(|_| rewrite) {
             propagate_deadline(req.headers_mut(), deadline.saturating_duration_since(now));
         }
