@@ -253,8 +253,9 @@ def start_meshlet(bench, mesh_config=None, post=False, base=False):
                        for k, v in metric_by_label(text, "meshlet_proxy_errors_total", "reason").items()})
         for name in ("meshlet_breaker_transitions_total", "meshlet_limit_rejections_total",
                      "meshlet_timeouts_total", "meshlet_retries_total"):
-            if metric_sum(text, name):
-                failed[name] = metric_sum(text, name)
+            total = metric_sum(text, name)
+            if total:
+                failed[name] = total
         if failed:
             print(f"  meshlet counted: {', '.join(f'{k} {v:.0f}' for k, v in sorted(failed.items()))}")
         if counted < sent:

@@ -216,15 +216,11 @@ pub fn full_body(bytes: Bytes) -> Body {
 }
 
 /// The absolute time by which a request must be answered; set by the request timeout layer and read by the
-/// layers inside it (per-try timeouts, retry backoff, de-duplication waits).
+/// layers inside it (per-try timeouts, retry backoff, de-duplication waits). A per-try timeout nearer than
+/// it narrows it for that attempt, so that the circuit breaker below can tell an attempt abandoned for being
+/// slow (a failure of the endpoint) from one abandoned because its caller went away (no verdict).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline(pub tokio::time::Instant);
-
-/// The per-try deadline of one attempt, when it is nearer than the request's [`Deadline`]; set by the
-/// per-try timeout layer so that the circuit breaker can tell an attempt abandoned for being slow (a
-/// failure of the endpoint) from one abandoned because the caller went away (no verdict on the endpoint).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttemptDeadline(pub tokio::time::Instant);
 
 /// Request extension through which the caller of the stack learns how many attempts were made, also when
 /// the stack ends with an error rather than a response (the caller renders that error itself).

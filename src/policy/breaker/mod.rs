@@ -27,7 +27,7 @@ pub use health::{Admission, BreakerTable};
 pub use layer::CircuitBreakerLayer;
 
 use crate::policy::config::Breaker as BreakerConfig;
-use crate::policy::{proxy_response, AttemptDeadline, Body, Deadline, ProxyReason, SharedPolicy};
+use crate::policy::{proxy_response, Body, Deadline, ProxyReason, SharedPolicy};
 
 /// Request extension: the endpoint chosen for this attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -129,11 +129,8 @@ where
         let Some(admission) = self.table.admit(&addr) else {
             return ResponseFuture::Open;
         };
-        let extensions = req.extensions();
-        let deadline = extensions
-            .get::<AttemptDeadline>()
-            .map(|d| d.0)
-            .or_else(|| extensions.get::<Deadline>().map(|d| d.0));
+        // The attempt's deadline: the per-try layer above narrows the request's to its own.
+        let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
         let outcome = Outcome {
             table: self.table.clone(),
             addr,
@@ -229,7 +226,7 @@ mod tests {
             .body(full_body(Bytes::new()))
             .unwrap();
         if let Some(deadline) = deadline {
-            req.extensions_mut().insert(AttemptDeadline(deadline));
+            req.extensions_mut().insert(Deadline(deadline));
         }
         req
     }

@@ -23,8 +23,7 @@ pub use future::ResponseFuture;
 pub use layer::TimeoutLayer;
 
 use crate::policy::{
-    AttemptDeadline, Attempts, Body, Deadline, PolicyMetrics, ProxyReason, SharedPolicy,
-    DEADLINE_HEADER,
+    Attempts, Body, Deadline, PolicyMetrics, ProxyReason, SharedPolicy, DEADLINE_HEADER,
 };
 
 /// Which timeout a [`Timeout`] applies.
@@ -114,7 +113,13 @@ where
             }
         };
         if let Some(per_try) = deadline.filter(|_| reason == ProxyReason::PerTryTimeout) {
-            req.extensions_mut().insert(AttemptDeadline(per_try));
+            // The attempt's own copy of the extensions: the replay copy above keeps the request's deadline.
+            match req.extensions_mut().get_mut::<Deadline>() {
+                Some(outer) => outer.0 = per_try,
+                None => {
+                    req.extensions_mut().insert(Deadline(per_try));
+                }
+            }
         }
         if let Some(deadline) = deadline.filter(|_| rewrite) {
             propagate_deadline(req.headers_mut(), deadline.saturating_duration_since(now));
